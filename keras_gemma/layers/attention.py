@@ -1,0 +1,171 @@
+"""Gemma attention: multi-query, grouped-query or multi-head, with a KV cache."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_gemma.layers.rotary_embedding import RotaryEmbedding
+
+# Added to masked attention logits (in float32). Finite, so a row with every
+# key masked (a padding query) gives a uniform softmax instead of NaN.
+_MASKED_LOGIT = -1e30
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaAttention(keras.layers.Layer):
+    """Causal self-attention with rotary embeddings and a preallocated cache.
+
+    `num_query_heads` query heads share `num_key_value_heads` key/value heads
+    in groups: 1 key/value head is multi-query attention (Gemma 2B), as many
+    as query heads is multi-head attention (Gemma 7B), anything between is
+    grouped-query attention. Queries are scaled by
+    `1 / sqrt(query_pre_attn_scalar)`, which defaults to `head_dim` (Gemma 7B
+    has 16 x 256 != 3072, so the width per head is not `hidden / heads`).
+
+    Args:
+        num_query_heads: int. Number of query heads.
+        num_key_value_heads: int. Number of key/value heads; must divide
+            `num_query_heads`.
+        head_dim: int. Width of every head.
+        query_pre_attn_scalar: float or None. Queries are multiplied by
+            `query_pre_attn_scalar ** -0.5`; `None` means `head_dim`.
+        rope_max_wavelength: float. RoPE base.
+        kernel_initializer: initializer for the four projections.
+        **kwargs: passed to `keras.layers.Layer`.
+
+    Call arguments:
+        x: `(batch, seq, hidden_dim)` inputs (already normalized).
+        attention_mask: bool `(batch, seq, key_len)`, True where a query may
+            attend to a key. Without a cache `key_len == seq`; with a cache it
+            is the cache length.
+        cache: optional `(batch, 2, cache_len, num_key_value_heads, head_dim)`
+            keys and values of earlier positions. When given, the new keys and
+            values are written at `cache_update_index` and the updated cache is
+            returned alongside the output.
+        cache_update_index: int or scalar tensor, position of `x[:, 0]`.
+
+    Example:
+    ```python
+    import numpy as np
+    attention = keras_gemma.layers.GemmaAttention(
+        num_query_heads=4, num_key_value_heads=1, head_dim=8
+    )
+    x = np.random.rand(2, 5, 16).astype("float32")
+    mask = np.tril(np.ones((5, 5), bool))[None].repeat(2, axis=0)
+    y = attention(x, attention_mask=mask)  # (2, 5, 16)
+    ```
+    """
+
+    def __init__(
+        self,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar=None,
+        rope_max_wavelength=10000.0,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_query_heads % num_key_value_heads:
+            raise ValueError(
+                f"num_query_heads ({num_query_heads}) must be a multiple of "
+                f"num_key_value_heads ({num_key_value_heads})."
+            )
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.rope_max_wavelength = rope_max_wavelength
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        policy = self.dtype_policy
+
+        def projection(equation, output_shape, name):
+            # A fresh initializer each: one unseeded instance repeats its values,
+            # which would start key and value kernels identical.
+            initializer = keras.initializers.get(
+                keras.initializers.serialize(self.kernel_initializer)
+            )
+            return keras.layers.EinsumDense(
+                equation,
+                output_shape=output_shape,
+                kernel_initializer=initializer,
+                dtype=policy,
+                name=name,
+            )
+
+        heads, kv_heads, head_dim = (
+            self.num_query_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )
+        # kernel (heads, hidden, head_dim): (batch, seq, hidden) -> (batch, seq, heads, head_dim)
+        self.query_dense = projection("btd,ndh->btnh", (None, heads, head_dim), "query")
+        self.key_dense = projection("bsd,kdh->bskh", (None, kv_heads, head_dim), "key")
+        self.value_dense = projection("bsd,kdh->bskh", (None, kv_heads, head_dim), "value")
+        # kernel (heads, head_dim, hidden): (batch, seq, heads, head_dim) -> (batch, seq, hidden)
+        self.output_dense = projection("btnh,nhd->btd", (None, hidden_dim), "attention_output")
+        self.query_dense.build(input_shape)
+        self.key_dense.build(input_shape)
+        self.value_dense.build(input_shape)
+        self.output_dense.build((None, None, heads, head_dim))
+        self.rope = RotaryEmbedding(
+            max_wavelength=self.rope_max_wavelength, dtype=policy, name="rope"
+        )
+
+    def call(self, x, attention_mask=None, cache=None, cache_update_index=0):
+        query = self.rope(self.query_dense(x), start_index=cache_update_index)  # (b, t, N, h)
+        key = self.rope(self.key_dense(x), start_index=cache_update_index)  # (b, t, K, h)
+        value = self.value_dense(x)  # (b, t, K, h)
+        if cache is not None:
+            update = ops.stack([key, value], axis=1)  # (b, 2, t, K, h)
+            start = [0, 0, cache_update_index, 0, 0]
+            cache = ops.slice_update(cache, start, update)
+            key, value = cache[:, 0], cache[:, 1]  # (b, cache_len, K, h)
+        output = self.output_dense(self._attend(query, key, value, attention_mask))
+        if cache is not None:
+            return output, cache
+        return output
+
+    def _attend(self, query, key, value, attention_mask):
+        scalar = self.query_pre_attn_scalar or self.head_dim
+        query = query * ops.cast(1.0 / math.sqrt(scalar), query.dtype)
+        batch, seq = ops.shape(query)[0], ops.shape(query)[1]
+        groups = self.num_query_heads // self.num_key_value_heads
+        # Query heads n = k * groups + g share key/value head k.
+        query = ops.reshape(
+            query, (batch, seq, self.num_key_value_heads, groups, self.head_dim)
+        )  # (b, t, K, G, h)
+        logits = ops.einsum("btkgh,bskh->bkgts", query, key)  # (b, K, G, t, s)
+        # float32 softmax: bfloat16 exponentials of large logits overflow.
+        logits = ops.cast(logits, "float32")
+        mask = attention_mask[:, None, None, :, :]  # (b, 1, 1, t, s)
+        logits = ops.where(mask, logits, _MASKED_LOGIT)
+        probs = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+        output = ops.einsum("bkgts,bskh->btkgh", probs, value)  # (b, t, K, G, h)
+        return ops.reshape(
+            output, (batch, seq, self.num_query_heads, self.head_dim)
+        )  # (b, t, N, h)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head_dim,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config

@@ -1,0 +1,185 @@
+"""One Gemma transformer layer: norm, attention, residual, norm, GeGLU, residual."""
+
+import keras
+from keras import ops
+
+from keras_gemma.layers.attention import GemmaAttention
+from keras_gemma.layers.feed_forward import GemmaFeedForward
+from keras_gemma.layers.rms_normalization import RMSNormalization
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaDecoderBlock(keras.layers.Layer):
+    """A pre-norm decoder layer, with the paper's post-norms as an option.
+
+    `x + attention(norm(x))`, then `x + feed_forward(norm(x))`. The released
+    Gemma 1 checkpoints normalize only the inputs of the two sub-layers; the
+    paper also normalizes their outputs, which `use_post_attention_norm` and
+    `use_post_ffw_norm` switch on.
+
+    Args:
+        hidden_dim: int. Model width.
+        intermediate_dim: int. Feed-forward width, gate and up together.
+        num_query_heads: int. Query heads.
+        num_key_value_heads: int. Key/value heads.
+        head_dim: int. Width of each head.
+        query_pre_attn_scalar: float or None. Queries are scaled by its
+            inverse square root; `None` means `head_dim`.
+        use_post_attention_norm: bool. Normalize the attention output.
+        use_post_ffw_norm: bool. Normalize the feed-forward output.
+        layer_norm_epsilon: float. Epsilon of every RMSNorm.
+        rope_max_wavelength: float. RoPE base.
+        dropout: float. Dropout on both residual branches during training.
+        **kwargs: passed to `keras.layers.Layer`.
+
+    Example:
+    ```python
+    import numpy as np
+    block = keras_gemma.layers.GemmaDecoderBlock(
+        hidden_dim=16, intermediate_dim=64, num_query_heads=4,
+        num_key_value_heads=1, head_dim=8,
+    )
+    x = np.random.rand(2, 5, 16).astype("float32")
+    padding_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    block(x, padding_mask=padding_mask)  # (2, 5, 16)
+    ```
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        intermediate_dim,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar=None,
+        use_post_attention_norm=False,
+        use_post_ffw_norm=False,
+        layer_norm_epsilon=1e-6,
+        rope_max_wavelength=10000.0,
+        dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.use_post_attention_norm = use_post_attention_norm
+        self.use_post_ffw_norm = use_post_ffw_norm
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rope_max_wavelength = rope_max_wavelength
+        self.dropout = dropout
+
+        def norm(name):
+            return RMSNormalization(
+                epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name=name
+            )
+
+        self.pre_attention_norm = norm("pre_attention_norm")
+        self.attention = GemmaAttention(
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+            query_pre_attn_scalar=query_pre_attn_scalar,
+            rope_max_wavelength=rope_max_wavelength,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.post_attention_norm = (
+            norm("post_attention_norm") if use_post_attention_norm else None
+        )
+        self.pre_ffw_norm = norm("pre_ffw_norm")
+        self.feed_forward = GemmaFeedForward(
+            hidden_dim=hidden_dim,
+            intermediate_dim=intermediate_dim,
+            dtype=self.dtype_policy,
+            name="feed_forward",
+        )
+        self.post_ffw_norm = norm("post_ffw_norm") if use_post_ffw_norm else None
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        for layer in (
+            self.pre_attention_norm,
+            self.attention,
+            self.post_attention_norm,
+            self.pre_ffw_norm,
+            self.feed_forward,
+            self.post_ffw_norm,
+        ):
+            if layer is not None:
+                layer.build(input_shape)
+
+    def call(
+        self,
+        x,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        training=None,
+    ):
+        """`x` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)`, 1 on real
+        tokens. With `cache`, `x` holds positions `cache_update_index...` and
+        `(x, cache)` is returned; attention is then causal over the cache."""
+        key_len = ops.shape(x)[1] if cache is None else ops.shape(cache)[2]
+        attention_mask = causal_attention_mask(
+            ops.shape(x)[0], ops.shape(x)[1], key_len, cache_update_index, padding_mask
+        )
+        h = self.pre_attention_norm(x)
+        if cache is not None:
+            h, cache = self.attention(
+                h,
+                attention_mask=attention_mask,
+                cache=cache,
+                cache_update_index=cache_update_index,
+            )
+        else:
+            h = self.attention(h, attention_mask=attention_mask)
+        if self.post_attention_norm is not None:
+            h = self.post_attention_norm(h)
+        x = x + self.dropout_layer(h, training=training)  # (b, t, d)
+
+        h = self.feed_forward(self.pre_ffw_norm(x))
+        if self.post_ffw_norm is not None:
+            h = self.post_ffw_norm(h)
+        x = x + self.dropout_layer(h, training=training)  # (b, t, d)
+        if cache is not None:
+            return x, cache
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head_dim,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "use_post_attention_norm": self.use_post_attention_norm,
+                "use_post_ffw_norm": self.use_post_ffw_norm,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "dropout": self.dropout,
+            }
+        )
+        return config
+
+
+def causal_attention_mask(batch, query_len, key_len, start, padding_mask=None):
+    """Bool `(batch, query_len, key_len)`: query `i` (at position `start + i`)
+    sees key `j` when `j <= start + i` and key `j` is not padding."""
+    query_positions = ops.arange(query_len, dtype="int32") + ops.cast(start, "int32")  # (t,)
+    key_positions = ops.arange(key_len, dtype="int32")  # (s,)
+    mask = key_positions[None, :] <= query_positions[:, None]  # (t, s)
+    mask = ops.broadcast_to(mask[None], (batch, query_len, key_len))
+    if padding_mask is not None:
+        mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, :])
+    return mask

@@ -1,0 +1,233 @@
+"""The Gemma decoder: embedding, decoder blocks, final norm."""
+
+import math
+
+import keras
+from keras import ops
+from keras_hub.models import Backbone
+
+from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+from keras_gemma.layers.rms_normalization import RMSNormalization
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaBackbone(Backbone):
+    """Gemma core network: token ids in, final hidden states out.
+
+    Token embeddings are multiplied by `sqrt(hidden_dim)` (cast to the compute
+    dtype, as the released checkpoints expect), run through `num_layers`
+    `GemmaDecoderBlock`s and a final RMSNorm. The output projection to the
+    vocabulary is the embedding matrix itself (`token_embedding(x,
+    reverse=True)`), which `GemmaCausalLM` applies.
+
+    The constructor arguments match `keras_hub.models.GemmaBackbone`, so a
+    keras-hub user can switch by changing the import.
+
+    Args:
+        vocabulary_size: int. Size of the token vocabulary.
+        num_layers: int. Number of decoder blocks.
+        num_query_heads: int. Query heads per block.
+        num_key_value_heads: int. Key/value heads per block (1: multi-query,
+            `num_query_heads`: multi-head, between: grouped-query).
+        hidden_dim: int. Model width.
+        intermediate_dim: int. Feed-forward width, gate and up branches
+            together (Table 1 of the Gemma paper: 32768 for 2B).
+        head_dim: int. Width of each attention head.
+        query_head_dim_normalize: bool. Scale queries by `head_dim ** -0.5`
+            (True, as Gemma does) or by `(hidden_dim / num_query_heads) ** -0.5`.
+        use_post_attention_norm: bool. The paper's RMSNorm on each attention
+            output. Off by default: the released checkpoints have none.
+        use_post_ffw_norm: bool. The same for each feed-forward output.
+        layer_norm_epsilon: float. Epsilon of every RMSNorm.
+        rope_max_wavelength: float. RoPE base (10000 in Gemma 1).
+        dropout: float. Dropout on the residual branches during training.
+        dtype: dtype or `keras.DTypePolicy` for weights and computation, for
+            example `"bfloat16"` or `"mixed_bfloat16"`. Norms, softmax and
+            RoPE angles run in float32 regardless.
+
+    Example:
+    ```python
+    import numpy as np
+    backbone = keras_gemma.GemmaBackbone(
+        vocabulary_size=1000, num_layers=2, num_query_heads=4,
+        num_key_value_heads=1, hidden_dim=64, intermediate_dim=256,
+        head_dim=16,
+    )
+    inputs = {
+        "token_ids": np.array([[2, 17, 42, 9, 0]]),
+        "padding_mask": np.array([[1, 1, 1, 1, 0]]),
+    }
+    backbone(inputs)  # (1, 5, 64)
+    ```
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_query_heads,
+        num_key_value_heads,
+        hidden_dim,
+        intermediate_dim,
+        head_dim,
+        query_head_dim_normalize=True,
+        use_post_attention_norm=False,
+        use_post_ffw_norm=False,
+        layer_norm_epsilon=1e-6,
+        rope_max_wavelength=10000.0,
+        dropout=0.0,
+        dtype=None,
+        **kwargs,
+    ):
+        if num_query_heads % num_key_value_heads:
+            raise ValueError(
+                f"num_query_heads ({num_query_heads}) must be a multiple of "
+                f"num_key_value_heads ({num_key_value_heads})."
+            )
+        # === Layers ===
+        self.token_embedding = keras.layers.ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=True,
+            embeddings_initializer=keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_in", distribution="untruncated_normal"
+            ),
+            dtype=dtype,
+            name="token_embedding",
+        )
+        query_pre_attn_scalar = (
+            head_dim if query_head_dim_normalize else hidden_dim / num_query_heads
+        )
+        self.transformer_layers = [
+            GemmaDecoderBlock(
+                hidden_dim=hidden_dim,
+                intermediate_dim=intermediate_dim,
+                num_query_heads=num_query_heads,
+                num_key_value_heads=num_key_value_heads,
+                head_dim=head_dim,
+                query_pre_attn_scalar=query_pre_attn_scalar,
+                use_post_attention_norm=use_post_attention_norm,
+                use_post_ffw_norm=use_post_ffw_norm,
+                layer_norm_epsilon=layer_norm_epsilon,
+                rope_max_wavelength=rope_max_wavelength,
+                dropout=dropout,
+                dtype=dtype,
+                name=f"decoder_block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.layer_norm = RMSNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_normalization"
+        )
+
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.embed(token_ids)
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        outputs = self.layer_norm(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=outputs,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.head_dim = head_dim
+        self.query_head_dim_normalize = query_head_dim_normalize
+        self.use_post_attention_norm = use_post_attention_norm
+        self.use_post_ffw_norm = use_post_ffw_norm
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rope_max_wavelength = rope_max_wavelength
+        self.dropout = dropout
+
+    def embed(self, token_ids):
+        """Token embeddings times `sqrt(hidden_dim)` in the compute dtype."""
+        x = self.token_embedding(token_ids)  # (b, t, d)
+        return x * ops.cast(math.sqrt(self.token_embedding.output_dim), x.dtype)
+
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        """Runs `token_ids` at positions `cache_update_index...` over a cache.
+
+        Args:
+            token_ids: int `(batch, seq)`.
+            cache: a tuple with one `(batch, 2, cache_len, num_key_value_heads,
+                head_dim)` tensor per layer (see `init_cache`).
+            cache_update_index: int or scalar tensor, the position of
+                `token_ids[:, 0]`.
+
+        Returns:
+            `(hidden_states, cache)`: final-normed `(batch, seq, hidden_dim)`
+            and the cache with these positions written.
+        """
+        x = self.embed(token_ids)
+        new_cache = []
+        for block, layer_cache in zip(self.transformer_layers, cache):
+            x, layer_cache = block(
+                x, cache=layer_cache, cache_update_index=cache_update_index
+            )
+            new_cache.append(layer_cache)
+        return self.layer_norm(x), tuple(new_cache)
+
+    def init_cache(self, batch_size, cache_len):
+        """A zeroed key/value cache: one tensor per layer, preallocated to
+        `cache_len` positions so every decoding step has the same shapes."""
+        shape = (batch_size, 2, cache_len, self.num_key_value_heads, self.head_dim)
+        return tuple(
+            ops.zeros(shape, dtype=self.compute_dtype) for _ in range(self.num_layers)
+        )
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a backbone from a preset, loading its weights.
+
+        Args:
+            preset: a directory written by `save_to_preset`, a local Hugging
+                Face Transformers directory (`config.json`, `*.safetensors`),
+                or a name in `keras_gemma.presets.PRESETS` (architecture only:
+                use `load_weights=False`).
+            load_weights: bool. Load the weights (True) or keep random ones.
+            **kwargs: constructor overrides, for example `dtype="bfloat16"`.
+
+        Example:
+        ```python
+        backbone = keras_gemma.GemmaBackbone.from_preset("path/to/gemma-2b")
+        random_2b = keras_gemma.GemmaBackbone.from_preset(
+            "gemma_2b_en", load_weights=False
+        )
+        ```
+        """
+        from keras_gemma.convert import check_preset_class, get_preset_loader
+
+        loader = get_preset_loader(preset)
+        backbone_cls = check_preset_class(loader, cls)
+        return loader.load_backbone(backbone_cls, load_weights, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "num_layers": self.num_layers,
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "head_dim": self.head_dim,
+                "query_head_dim_normalize": self.query_head_dim_normalize,
+                "use_post_attention_norm": self.use_post_attention_norm,
+                "use_post_ffw_norm": self.use_post_ffw_norm,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "dropout": self.dropout,
+            }
+        )
+        return config

@@ -1,0 +1,113 @@
+"""Shared test helpers: tiny configurations, a tiny SentencePiece vocabulary,
+and transformers checkpoints with random weights (the independent oracle)."""
+
+import io
+import os
+
+import numpy as np
+
+# Small but with every structural feature: grouped heads and a head width
+# that is not hidden_dim / num_query_heads (as in Gemma 7B: 16 x 256 != 3072).
+TINY = dict(
+    vocabulary_size=256,
+    num_layers=2,
+    num_query_heads=4,
+    num_key_value_heads=1,
+    hidden_dim=32,
+    intermediate_dim=96,
+    head_dim=16,
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Gemma is a family of open models built from research and technology.",
+    "Keras runs on JAX, TensorFlow and PyTorch with the same code.",
+    "Attention is computed with rotary position embeddings in every layer.",
+    "Numbers like 3.14159, 2024 and 42 appear in text, and so do tabs\tand  spaces.",
+    "def main():\n    print('hello, world')\n",
+    "Knock knock. Who's there? Gemma. Gemma who?",
+    "Les modèles ouverts sont utiles; éàü and 日本語 are unicode.",
+] * 4
+
+
+def train_sentencepiece(vocab_size=256):
+    """Serialized SentencePiece model with Gemma's special tokens and ids
+    (pad 0, eos 1, bos 2, unk 3, then the chat control tokens)."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def transformers_config(config, **overrides):
+    """A transformers GemmaConfig equal to a keras_gemma backbone config."""
+    from transformers import GemmaConfig
+
+    kwargs = dict(
+        vocab_size=config["vocabulary_size"],
+        hidden_size=config["hidden_dim"],
+        intermediate_size=config["intermediate_dim"] // 2,
+        num_hidden_layers=config["num_layers"],
+        num_attention_heads=config["num_query_heads"],
+        num_key_value_heads=config["num_key_value_heads"],
+        head_dim=config["head_dim"],
+        rms_norm_eps=config.get("layer_norm_epsilon", 1e-6),
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=256,
+    )
+    kwargs.update(overrides)
+    return GemmaConfig(**kwargs)
+
+
+def save_transformers_gemma(path, config, seed=0, spm_proto=None, **overrides):
+    """Writes a transformers GemmaForCausalLM with every weight random (norm
+    scales included) to `path` with `save_pretrained`; returns the torch model."""
+    import torch
+    from transformers import GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    model = GemmaForCausalLM(transformers_config(config, **overrides)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.5 if "norm" in name else 0.2
+            param.copy_(torch.randn_like(param) * scale)
+    model.save_pretrained(path)
+    if spm_proto is not None:
+        with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+            f.write(spm_proto)
+    return model
+
+
+def transformers_logits(model, token_ids, padding_mask):
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(np.asarray(token_ids), dtype=torch.long),
+            attention_mask=torch.tensor(np.asarray(padding_mask), dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+def to_numpy(x):
+    import keras
+
+    return keras.ops.convert_to_numpy(x)
