@@ -9,7 +9,7 @@ import numpy as np
 # Small but with every structural feature: grouped heads and a head width
 # that is not hidden_dim / num_query_heads (as in Gemma 7B: 16 x 256 != 3072).
 TINY = dict(
-    vocabulary_size=256,
+    vocabulary_size=384,
     num_layers=2,
     num_query_heads=4,
     num_key_value_heads=1,
@@ -30,7 +30,7 @@ CORPUS = [
 ] * 4
 
 
-def train_sentencepiece(vocab_size=256):
+def train_sentencepiece(vocab_size=384):
     """Serialized SentencePiece model with Gemma's special tokens and ids
     (pad 0, eos 1, bos 2, unk 3, then the chat control tokens)."""
     import sentencepiece as spm

@@ -1,0 +1,132 @@
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma
+from helpers import TINY, to_numpy
+
+INPUTS = {
+    "token_ids": np.array([[2, 17, 42, 9, 100, 5], [2, 30, 31, 0, 0, 0]]),
+    "padding_mask": np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]),
+}
+
+
+def randomize(model, seed=0):
+    """Random values for every weight, norm scales included."""
+    rng = np.random.RandomState(seed)
+    for w in model.weights:
+        w.assign((rng.randn(*w.shape) * 0.2).astype("float32"))
+
+
+@pytest.mark.parametrize(
+    "name, embedding, non_embedding",
+    [
+        ("gemma_2b", 524_550_144, 1_981_884_416),
+        ("gemma_7b", 786_825_216, 7_751_248_896),
+    ],
+)
+def test_paper_parameter_counts(name, embedding, non_embedding):
+    """Table 2 of the paper, counted on real layer shapes. A full 7B does not
+    fit this machine, so the count is taken on one- and two-layer models with
+    the real widths (and a small vocabulary), and extended: the layers are
+    identical, so the count is linear in num_layers."""
+    config = keras_gemma.presets.backbone_config(name)
+    small_vocab = 8
+
+    def count(num_layers):
+        backbone = keras_gemma.GemmaBackbone(
+            **{**config, "num_layers": num_layers, "vocabulary_size": small_vocab},
+            dtype="bfloat16",
+        )
+        embed = backbone.token_embedding.count_params()
+        assert embed == small_vocab * config["hidden_dim"]
+        return backbone.count_params() - embed
+
+    one, two = count(1), count(2)
+    per_layer = two - one
+    total_non_embedding = one + (config["num_layers"] - 1) * per_layer
+    assert config["vocabulary_size"] * config["hidden_dim"] == embedding
+    assert total_non_embedding == non_embedding
+
+
+def test_released_presets_use_the_256000_vocabulary():
+    assert keras_gemma.presets.backbone_config("gemma_2b_en")["vocabulary_size"] == 256000
+    assert keras_gemma.presets.backbone_config("gemma_7b")["vocabulary_size"] == 256128
+    with pytest.raises(ValueError, match="Unknown preset 'gemma_3b'"):
+        keras_gemma.GemmaBackbone.from_preset("gemma_3b")
+    with pytest.raises(ValueError, match="ships no weights"):
+        keras_gemma.GemmaBackbone.from_preset("gemma_2b_en")
+
+
+def test_preset_architecture_without_weights():
+    backbone = keras_gemma.GemmaBackbone.from_preset(
+        "gemma_2b_en", load_weights=False, num_layers=1, vocabulary_size=16
+    )
+    assert backbone.num_query_heads == 8 and backbone.num_key_value_heads == 1
+    assert backbone.hidden_dim == 2048 and backbone.head_dim == 256
+
+
+def test_same_logits_as_keras_hub_gemma():
+    """keras-hub's GemmaBackbone with the same (random) weights copied across."""
+    import keras_hub
+
+    for kv_heads in (1, 2, 4):
+        config = {**TINY, "num_key_value_heads": kv_heads}
+        ours = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**config))
+        theirs = keras_hub.models.GemmaCausalLM(
+            backbone=keras_hub.models.GemmaBackbone(**config), preprocessor=None
+        )
+        randomize(theirs.backbone, seed=kv_heads)
+        by_path = {w.path: w for w in theirs.backbone.weights}
+        assert len(by_path) == len(ours.backbone.weights)
+        for w in ours.backbone.weights:
+            # keras_gemma groups the feed-forward kernels in one sub-layer.
+            w.assign(by_path[w.path.replace("feed_forward/", "")])
+        valid = INPUTS["padding_mask"].astype(bool)
+        expected = to_numpy(theirs(INPUTS))[valid]
+        np.testing.assert_allclose(to_numpy(ours(INPUTS))[valid], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_config_round_trip():
+    backbone = keras_gemma.GemmaBackbone(**TINY, use_post_ffw_norm=True, rope_max_wavelength=500.0)
+    config = backbone.get_config()
+    clone = keras_gemma.GemmaBackbone.from_config(config)
+    assert clone.get_config() == config
+    clone.set_weights(backbone.get_weights())
+    np.testing.assert_array_equal(to_numpy(clone(INPUTS)), to_numpy(backbone(INPUTS)))
+
+
+def test_query_head_dim_normalize_changes_output():
+    a = keras_gemma.GemmaBackbone(**TINY)  # head_dim 16 != hidden 32 / 4 heads
+    b = keras_gemma.GemmaBackbone(**TINY, query_head_dim_normalize=False)
+    randomize(a)
+    b.set_weights(a.get_weights())
+    assert np.abs(to_numpy(a(INPUTS)) - to_numpy(b(INPUTS))).max() > 1e-3
+
+
+def test_rope_max_wavelength_changes_output():
+    a = keras_gemma.GemmaBackbone(**TINY)
+    b = keras_gemma.GemmaBackbone(**TINY, rope_max_wavelength=100.0)
+    randomize(a)
+    b.set_weights(a.get_weights())
+    assert np.abs(to_numpy(a(INPUTS)) - to_numpy(b(INPUTS))).max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
+def test_mixed_precision(dtype):
+    ref = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**TINY))
+    randomize(ref.backbone)
+    low = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**TINY, dtype=dtype))
+    low.backbone.set_weights(ref.backbone.get_weights())
+    weight_dtype = "bfloat16" if dtype == "bfloat16" else "float32"
+    assert all(str(w.dtype) == weight_dtype for w in low.backbone.weights)
+    hidden = low.backbone(INPUTS)
+    assert keras.backend.standardize_dtype(hidden.dtype) == "bfloat16"
+    logits = low(INPUTS)
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"  # always
+    valid = INPUTS["padding_mask"].astype(bool)
+    expected = to_numpy(ref(INPUTS))[valid]
+    got = to_numpy(logits)[valid]
+    # bfloat16 keeps ~3 significant digits; the argmax should mostly agree.
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.75
