@@ -97,6 +97,11 @@ class GemmaCausalLM(CausalLM):
             **kwargs,
         )
 
+    def compile_from_config(self, config):
+        # Restores the saved optimizer, loss and metrics when a `.keras` file is
+        # loaded (Keras skips this for models that override `compile`).
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """One cached forward step.
 

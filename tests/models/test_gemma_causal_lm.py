@@ -174,10 +174,13 @@ def test_fit_on_strings_lowers_the_loss(tokenizer):
 def test_keras_file_round_trip(tmp_path, tokenizer):
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
     lm = make_lm(preprocessor)
+    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
     path = str(tmp_path / "model.keras")
     lm.save(path)
     restored = keras.saving.load_model(path)
     assert isinstance(restored, keras_gemma.GemmaCausalLM)
+    assert isinstance(restored.optimizer, keras.optimizers.AdamW)
+    assert np.isclose(float(restored.optimizer.learning_rate), 1e-3)
     inputs = ragged_inputs()
     np.testing.assert_array_equal(to_numpy(restored(inputs)), to_numpy(lm(inputs)))
     assert restored.generate("The quick", max_length=12) == lm.generate("The quick", max_length=12)
