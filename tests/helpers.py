@@ -80,11 +80,19 @@ def transformers_config(config, **overrides):
 def save_transformers_gemma(path, config, seed=0, spm_proto=None, **overrides):
     """Writes a transformers GemmaForCausalLM with every weight random (norm
     scales included) to `path` with `save_pretrained`; returns the torch model."""
+    return save_transformers_model(
+        path, transformers_config(config, **overrides), seed=seed, spm_proto=spm_proto
+    )
+
+
+def save_transformers_model(path, hf_config, seed=0, spm_proto=None):
+    """Any transformers causal LM config: random weights, `save_pretrained`."""
     import torch
-    from transformers import GemmaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = GemmaForCausalLM(transformers_config(config, **overrides)).eval()
+    hf_config._attn_implementation = "eager"  # exact soft caps and windows
+    model = AutoModelForCausalLM.from_config(hf_config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             scale = 0.5 if "norm" in name else 0.2

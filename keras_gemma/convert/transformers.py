@@ -8,19 +8,24 @@ from keras_hub.src.utils.preset_utils import PresetLoader
 
 from keras_gemma.convert.safetensors import SafetensorsFile
 
-SUPPORTED_MODEL_TYPES = ("gemma",)
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 # transformers writes "gelu" in the released Gemma 1 configs and means the tanh
 # approximation (it forces it); newer versions write "gelu_pytorch_tanh".
 _TANH_GELU_NAMES = ("gelu", "gelu_pytorch_tanh", "gelu_tanh")
+# Where the text decoder's weights live, by checkpoint kind.
+_TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+# Tensors of a multimodal Gemma 3 checkpoint that the text model does not use.
+_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 class TransformersPresetLoader(PresetLoader):
     """Loads a local Hugging Face Transformers directory of a Gemma model.
 
-    Everything is checked before any weight is assigned: the config's
-    `model_type` and options, the presence and shape of every tensor, and that
-    no tensor is left over. A failed check raises an error naming the file
-    and tensor, and no model is returned.
+    `model_type` `gemma`, `gemma2`, `gemma3_text`, and the text part of
+    `gemma3` (image-text) checkpoints. Everything is checked before any weight
+    is assigned: the config's `model_type` and options, the presence and
+    shape of every tensor, and that no tensor is left over. A failed check
+    raises an error naming the file and tensor, and no model is returned.
     """
 
     def __init__(self, preset, config):
@@ -40,10 +45,19 @@ class TransformersPresetLoader(PresetLoader):
             )
         return GemmaBackbone
 
+    def text_config(self):
+        """The decoder's config (the `text_config` of an image-text model)."""
+        if self.config.get("model_type") == "gemma3":
+            if "text_config" not in self.config:
+                raise ValueError(f"{self.config_path} (gemma3) lacks 'text_config'.")
+            return {"model_type": "gemma3_text", **self.config["text_config"]}
+        return self.config
+
     def backbone_config(self):
         """`GemmaBackbone` arguments from the transformers config."""
         self.check_backbone_class()
-        c = self.config
+        c = self.text_config()
+        model_type = c.get("model_type", "gemma3_text")
 
         def unsupported(key, value, why):
             raise ValueError(
@@ -57,36 +71,99 @@ class TransformersPresetLoader(PresetLoader):
             unsupported("attention_bias", True, "Gemma has no biases")
         if c.get("use_bidirectional_attention"):
             unsupported("use_bidirectional_attention", True, "Gemma is causal")
-        if not c.get("tie_word_embeddings", True):
+        if not c.get("tie_word_embeddings", self.config.get("tie_word_embeddings", True)):
             unsupported("tie_word_embeddings", False, "Gemma ties them")
-        rope = c.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default" or c.get("rope_scaling"):
-            unsupported("rope_type", c.get("rope_scaling") or rope_type, "plain RoPE only")
-        rope_theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in c:
                 raise ValueError(f"{self.config_path} lacks {key!r}.")
-        num_heads = c["num_attention_heads"]
-        return {
+        num_layers, num_heads = c["num_hidden_layers"], c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // num_heads
+        config = {
             "vocabulary_size": c["vocab_size"],
-            "num_layers": c["num_hidden_layers"],
+            "num_layers": num_layers,
             "num_query_heads": num_heads,
             "num_key_value_heads": c.get("num_key_value_heads") or num_heads,
             "hidden_dim": c["hidden_size"],
             # transformers counts one branch; keras_gemma (like the paper) both.
             "intermediate_dim": 2 * c["intermediate_size"],
-            "head_dim": c.get("head_dim") or c["hidden_size"] // num_heads,
+            "head_dim": head_dim,
             "layer_norm_epsilon": c.get("rms_norm_eps", 1e-6),
-            "rope_max_wavelength": float(rope_theta),
         }
+        if model_type == "gemma":
+            rope = self._rope(c.get("rope_parameters"), c.get("rope_theta", 10000.0))
+            config["rope_max_wavelength"] = rope["rope_theta"]
+            return config
+        # Gemma 2 and 3: post-norms, per-layer local/global attention, scalars.
+        period = 2 if model_type == "gemma2" else c.get("sliding_window_pattern", 6)
+        layer_types = c.get("layer_types") or [
+            "sliding_attention" if (i + 1) % period else "full_attention"
+            for i in range(num_layers)
+        ]
+        config.update(
+            {
+                "use_post_attention_norm": True,
+                "use_post_ffw_norm": True,
+                "query_pre_attn_scalar": c.get("query_pre_attn_scalar", head_dim),
+                "attention_logit_soft_cap": c.get("attn_logit_softcapping"),
+                "final_logit_soft_cap": c.get("final_logit_softcapping"),
+                "sliding_window_size": c.get("sliding_window"),
+                "layer_types": list(layer_types),
+            }
+        )
+        parameters = c.get("rope_parameters") or {}
+        if model_type == "gemma2":
+            rope = self._rope(parameters, c.get("rope_theta", 10000.0))
+            config["rope_max_wavelength"] = rope["rope_theta"]
+            return config
+        # Gemma 3: a RoPE per attention type, global layers possibly scaled.
+        if "full_attention" in parameters or "sliding_attention" in parameters:
+            global_rope = self._rope(parameters.get("full_attention"), 1_000_000.0)
+            local_rope = self._rope(parameters.get("sliding_attention"), 10_000.0)
+        else:
+            global_rope = self._rope(
+                c.get("rope_scaling") or parameters or None, c.get("rope_theta", 1_000_000.0)
+            )
+            local_rope = self._rope(None, c.get("rope_local_base_freq", 10_000.0))
+        if local_rope.get("factor", 1.0) != 1.0:
+            unsupported("rope_parameters", parameters, "scaled RoPE on local layers")
+        config.update(
+            {
+                "use_query_key_norm": True,
+                "rope_max_wavelength": global_rope["rope_theta"],
+                "rope_scaling_factor": float(global_rope.get("factor", 1.0)),
+                "local_rope_max_wavelength": local_rope["rope_theta"],
+            }
+        )
+        return config
+
+    def _rope(self, parameters, default_theta):
+        """A RoPE entry `{"rope_theta", "factor"}`; default or linear only."""
+        parameters = dict(parameters or {})
+        rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+        if rope_type not in ("default", "linear"):
+            raise ValueError(
+                f"{self.config_path}: rope_type={rope_type!r} is not supported "
+                "(default and linear RoPE only)."
+            )
+        parameters.setdefault("rope_theta", default_theta)
+        parameters["rope_theta"] = float(parameters["rope_theta"])
+        if rope_type == "default":
+            parameters.pop("factor", None)
+        return parameters
 
     def load_backbone(self, cls, load_weights, **kwargs):
         config = self.backbone_config()
         tensors = self._open_weights() if load_weights else None
         backbone = cls(**config, **kwargs)
         if load_weights:
-            assign_weights(tensors, _gemma_weight_map(backbone))
+            prefix = _text_prefix(tensors, self.preset)
+            if self.config.get("model_type") == "gemma3":
+                tensors = {
+                    name: shard
+                    for name, shard in tensors.items()
+                    if not name.startswith(_NON_TEXT_PREFIXES)
+                }
+            assign_weights(tensors, _gemma_weight_map(backbone, prefix))
         return backbone
 
     # === Tokenizer and task ===
@@ -151,7 +228,18 @@ class TransformersPresetLoader(PresetLoader):
 # The transformers layout, mapped onto keras_gemma's variables.
 
 
-def _gemma_weight_map(backbone):
+def _text_prefix(tensors, preset):
+    """The prefix of the decoder's tensors (`model.` in text checkpoints)."""
+    for prefix in _TEXT_PREFIXES:
+        if prefix + "embed_tokens.weight" in tensors:
+            return prefix
+    raise ValueError(
+        f"No embedding tensor ({' or '.join(p + 'embed_tokens.weight' for p in _TEXT_PREFIXES)}) "
+        f"in the safetensors files of {preset}."
+    )
+
+
+def _gemma_weight_map(backbone, prefix="model."):
     """[(transformers name, source shape, keras variable, transform)]."""
     n, k, h = backbone.num_query_heads, backbone.num_key_value_heads, backbone.head_dim
     d, f = backbone.hidden_dim, backbone.intermediate_dim // 2
@@ -172,11 +260,11 @@ def _gemma_weight_map(backbone):
         return w.T.reshape(n, h, d)
 
     entries = [
-        ("model.embed_tokens.weight", (v, d), backbone.token_embedding.embeddings, same),
-        ("model.norm.weight", (d,), backbone.layer_norm.scale, same),
+        (prefix + "embed_tokens.weight", (v, d), backbone.token_embedding.embeddings, same),
+        (prefix + "norm.weight", (d,), backbone.layer_norm.scale, same),
     ]
     for i, block in enumerate(backbone.transformer_layers):
-        p = f"model.layers.{i}."
+        p = f"{prefix}layers.{i}."
         attention, ffw = block.attention, block.feed_forward
         entries += [
             (p + "input_layernorm.weight", (d,), block.pre_attention_norm.scale, same),
@@ -184,12 +272,21 @@ def _gemma_weight_map(backbone):
             (p + "self_attn.k_proj.weight", (k * h, d), attention.key_dense.kernel, rows_to_heads(k)),
             (p + "self_attn.v_proj.weight", (k * h, d), attention.value_dense.kernel, rows_to_heads(k)),
             (p + "self_attn.o_proj.weight", (d, n * h), attention.output_dense.kernel, columns_to_heads),
-            # Gemma 1 in transformers names its pre-feed-forward norm this way.
-            (p + "post_attention_layernorm.weight", (d,), block.pre_ffw_norm.scale, same),
             (p + "mlp.gate_proj.weight", (f, d), ffw.gate.kernel, transpose),
             (p + "mlp.up_proj.weight", (f, d), ffw.up.kernel, transpose),
             (p + "mlp.down_proj.weight", (d, f), ffw.down.kernel, transpose),
         ]
+        if block.post_attention_norm is None:
+            # Gemma 1 in transformers names its pre-feed-forward norm this way.
+            entries.append((p + "post_attention_layernorm.weight", (d,), block.pre_ffw_norm.scale, same))
+        else:
+            entries.append((p + "post_attention_layernorm.weight", (d,), block.post_attention_norm.scale, same))
+            entries.append((p + "pre_feedforward_layernorm.weight", (d,), block.pre_ffw_norm.scale, same))
+        if block.post_ffw_norm is not None:
+            entries.append((p + "post_feedforward_layernorm.weight", (d,), block.post_ffw_norm.scale, same))
+        if attention.query_norm is not None:
+            entries.append((p + "self_attn.q_norm.weight", (h,), attention.query_norm.scale, same))
+            entries.append((p + "self_attn.k_norm.weight", (h,), attention.key_norm.scale, same))
     return entries
 
 

@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma.layers.rms_normalization import RMSNormalization
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding
 
 # Added to masked attention logits (in float32). Finite, so a row with every
@@ -23,6 +24,11 @@ class GemmaAttention(keras.layers.Layer):
     `1 / sqrt(query_pre_attn_scalar)`, which defaults to `head_dim` (Gemma 7B
     has 16 x 256 != 3072, so the width per head is not `hidden / heads`).
 
+    Gemma 2 and 3 options: `logit_soft_cap` squashes attention logits with
+    `cap * tanh(logits / cap)`; `use_query_key_norm` applies an RMSNorm over
+    `head_dim` to queries and keys before RoPE. Sliding-window (local)
+    attention is a property of the mask the caller passes in.
+
     Args:
         num_query_heads: int. Number of query heads.
         num_key_value_heads: int. Number of key/value heads; must divide
@@ -31,6 +37,11 @@ class GemmaAttention(keras.layers.Layer):
         query_pre_attn_scalar: float or None. Queries are multiplied by
             `query_pre_attn_scalar ** -0.5`; `None` means `head_dim`.
         rope_max_wavelength: float. RoPE base.
+        rope_scaling_factor: float. Linear RoPE scaling: positions are divided
+            by it (1.0: none).
+        logit_soft_cap: float or None. Soft cap of the attention logits.
+        use_query_key_norm: bool. RMSNorm on queries and keys (Gemma 3).
+        layer_norm_epsilon: float. Epsilon of those norms.
         kernel_initializer: initializer for the four projections.
         **kwargs: passed to `keras.layers.Layer`.
 
@@ -64,6 +75,10 @@ class GemmaAttention(keras.layers.Layer):
         head_dim,
         query_pre_attn_scalar=None,
         rope_max_wavelength=10000.0,
+        rope_scaling_factor=1.0,
+        logit_soft_cap=None,
+        use_query_key_norm=False,
+        layer_norm_epsilon=1e-6,
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
@@ -78,6 +93,10 @@ class GemmaAttention(keras.layers.Layer):
         self.head_dim = head_dim
         self.query_pre_attn_scalar = query_pre_attn_scalar
         self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.logit_soft_cap = logit_soft_cap
+        self.use_query_key_norm = use_query_key_norm
+        self.layer_norm_epsilon = layer_norm_epsilon
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, input_shape):
@@ -114,13 +133,30 @@ class GemmaAttention(keras.layers.Layer):
         self.value_dense.build(input_shape)
         self.output_dense.build((None, None, heads, head_dim))
         self.rope = RotaryEmbedding(
-            max_wavelength=self.rope_max_wavelength, dtype=policy, name="rope"
+            max_wavelength=self.rope_max_wavelength,
+            scaling_factor=self.rope_scaling_factor,
+            dtype=policy,
+            name="rope",
         )
+        self.query_norm = self.key_norm = None
+        if self.use_query_key_norm:
+            self.query_norm = RMSNormalization(
+                self.layer_norm_epsilon, dtype=policy, name="query_norm"
+            )
+            self.key_norm = RMSNormalization(
+                self.layer_norm_epsilon, dtype=policy, name="key_norm"
+            )
+            self.query_norm.build((None, None, heads, head_dim))
+            self.key_norm.build((None, None, kv_heads, head_dim))
 
     def call(self, x, attention_mask=None, cache=None, cache_update_index=0):
-        query = self.rope(self.query_dense(x), start_index=cache_update_index)  # (b, t, N, h)
-        key = self.rope(self.key_dense(x), start_index=cache_update_index)  # (b, t, K, h)
+        query = self.query_dense(x)  # (b, t, N, h)
+        key = self.key_dense(x)  # (b, t, K, h)
         value = self.value_dense(x)  # (b, t, K, h)
+        if self.use_query_key_norm:
+            query, key = self.query_norm(query), self.key_norm(key)
+        query = self.rope(query, start_index=cache_update_index)
+        key = self.rope(key, start_index=cache_update_index)
         if cache is not None:
             update = ops.stack([key, value], axis=1)  # (b, 2, t, K, h)
             start = [0, 0, cache_update_index, 0, 0]
@@ -143,6 +179,9 @@ class GemmaAttention(keras.layers.Layer):
         logits = ops.einsum("btkgh,bskh->bkgts", query, key)  # (b, K, G, t, s)
         # float32 softmax: bfloat16 exponentials of large logits overflow.
         logits = ops.cast(logits, "float32")
+        if self.logit_soft_cap is not None:
+            cap = self.logit_soft_cap
+            logits = ops.tanh(logits / cap) * cap
         mask = attention_mask[:, None, None, :, :]  # (b, 1, 1, t, s)
         logits = ops.where(mask, logits, _MASKED_LOGIT)
         probs = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
@@ -163,6 +202,10 @@ class GemmaAttention(keras.layers.Layer):
                 "head_dim": self.head_dim,
                 "query_pre_attn_scalar": self.query_pre_attn_scalar,
                 "rope_max_wavelength": self.rope_max_wavelength,
+                "rope_scaling_factor": self.rope_scaling_factor,
+                "logit_soft_cap": self.logit_soft_cap,
+                "use_query_key_norm": self.use_query_key_norm,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),

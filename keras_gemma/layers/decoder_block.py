@@ -15,7 +15,11 @@ class GemmaDecoderBlock(keras.layers.Layer):
     `x + attention(norm(x))`, then `x + feed_forward(norm(x))`. The released
     Gemma 1 checkpoints normalize only the inputs of the two sub-layers; the
     paper also normalizes their outputs, which `use_post_attention_norm` and
-    `use_post_ffw_norm` switch on.
+    `use_post_ffw_norm` switch on (Gemma 2 and 3 use both).
+
+    A block with `sliding_window_size` attends only to the last
+    `sliding_window_size` positions (local attention); without it, to all
+    earlier positions (global attention).
 
     Args:
         hidden_dim: int. Model width.
@@ -29,6 +33,12 @@ class GemmaDecoderBlock(keras.layers.Layer):
         use_post_ffw_norm: bool. Normalize the feed-forward output.
         layer_norm_epsilon: float. Epsilon of every RMSNorm.
         rope_max_wavelength: float. RoPE base.
+        rope_scaling_factor: float. Linear RoPE scaling factor (1.0: none).
+        sliding_window_size: int or None. Local attention window, or None for
+            global attention.
+        attention_logit_soft_cap: float or None. Soft cap of the attention
+            logits (Gemma 2).
+        use_query_key_norm: bool. RMSNorm on queries and keys (Gemma 3).
         dropout: float. Dropout on both residual branches during training.
         **kwargs: passed to `keras.layers.Layer`.
 
@@ -57,6 +67,10 @@ class GemmaDecoderBlock(keras.layers.Layer):
         use_post_ffw_norm=False,
         layer_norm_epsilon=1e-6,
         rope_max_wavelength=10000.0,
+        rope_scaling_factor=1.0,
+        sliding_window_size=None,
+        attention_logit_soft_cap=None,
+        use_query_key_norm=False,
         dropout=0.0,
         **kwargs,
     ):
@@ -71,6 +85,10 @@ class GemmaDecoderBlock(keras.layers.Layer):
         self.use_post_ffw_norm = use_post_ffw_norm
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.sliding_window_size = sliding_window_size
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.use_query_key_norm = use_query_key_norm
         self.dropout = dropout
 
         def norm(name):
@@ -85,6 +103,10 @@ class GemmaDecoderBlock(keras.layers.Layer):
             head_dim=head_dim,
             query_pre_attn_scalar=query_pre_attn_scalar,
             rope_max_wavelength=rope_max_wavelength,
+            rope_scaling_factor=rope_scaling_factor,
+            logit_soft_cap=attention_logit_soft_cap,
+            use_query_key_norm=use_query_key_norm,
+            layer_norm_epsilon=layer_norm_epsilon,
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -126,7 +148,12 @@ class GemmaDecoderBlock(keras.layers.Layer):
         `(x, cache)` is returned; attention is then causal over the cache."""
         key_len = ops.shape(x)[1] if cache is None else ops.shape(cache)[2]
         attention_mask = causal_attention_mask(
-            ops.shape(x)[0], ops.shape(x)[1], key_len, cache_update_index, padding_mask
+            ops.shape(x)[0],
+            ops.shape(x)[1],
+            key_len,
+            cache_update_index,
+            padding_mask,
+            self.sliding_window_size,
         )
         h = self.pre_attention_norm(x)
         if cache is not None:
@@ -167,18 +194,28 @@ class GemmaDecoderBlock(keras.layers.Layer):
                 "use_post_ffw_norm": self.use_post_ffw_norm,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "rope_max_wavelength": self.rope_max_wavelength,
+                "rope_scaling_factor": self.rope_scaling_factor,
+                "sliding_window_size": self.sliding_window_size,
+                "attention_logit_soft_cap": self.attention_logit_soft_cap,
+                "use_query_key_norm": self.use_query_key_norm,
                 "dropout": self.dropout,
             }
         )
         return config
 
 
-def causal_attention_mask(batch, query_len, key_len, start, padding_mask=None):
+def causal_attention_mask(
+    batch, query_len, key_len, start, padding_mask=None, sliding_window_size=None
+):
     """Bool `(batch, query_len, key_len)`: query `i` (at position `start + i`)
-    sees key `j` when `j <= start + i` and key `j` is not padding."""
+    sees key `j` when `j <= start + i`, key `j` is not padding and, with a
+    sliding window, `start + i - j < sliding_window_size`."""
     query_positions = ops.arange(query_len, dtype="int32") + ops.cast(start, "int32")  # (t,)
     key_positions = ops.arange(key_len, dtype="int32")  # (s,)
     mask = key_positions[None, :] <= query_positions[:, None]  # (t, s)
+    if sliding_window_size is not None:
+        in_window = key_positions[None, :] > query_positions[:, None] - sliding_window_size
+        mask = ops.logical_and(mask, in_window)  # (t, s)
     mask = ops.broadcast_to(mask[None], (batch, query_len, key_len))
     if padding_mask is not None:
         mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, :])

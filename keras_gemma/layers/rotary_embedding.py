@@ -16,6 +16,8 @@ class RotaryEmbedding(keras.layers.Layer):
 
     Args:
         max_wavelength: float. The RoPE base (10000 in Gemma 1).
+        scaling_factor: float. Linear RoPE scaling: positions are divided by
+            it before the rotation (Gemma 3's global layers in larger models).
         **kwargs: passed to `keras.layers.Layer`.
 
     Call arguments:
@@ -32,9 +34,10 @@ class RotaryEmbedding(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, max_wavelength=10000.0, **kwargs):
+    def __init__(self, max_wavelength=10000.0, scaling_factor=1.0, **kwargs):
         super().__init__(**kwargs)
         self.max_wavelength = max_wavelength
+        self.scaling_factor = scaling_factor
 
     def call(self, x, start_index=0):
         head_dim = x.shape[-1]
@@ -42,7 +45,8 @@ class RotaryEmbedding(keras.layers.Layer):
             raise ValueError(f"RoPE needs an even head_dim; got {head_dim}.")
         # The inverse frequencies are constants: compute them in float64 once.
         exponents = np.arange(0, head_dim, 2, dtype="float64") / head_dim
-        inverse_freq = (1.0 / self.max_wavelength**exponents).astype("float32")
+        inverse_freq = 1.0 / self.max_wavelength**exponents / self.scaling_factor
+        inverse_freq = inverse_freq.astype("float32")
         seq_len = ops.shape(x)[1]
         positions = ops.arange(seq_len, dtype="float32")
         positions = positions + ops.cast(start_index, "float32")  # (seq,)
@@ -62,5 +66,7 @@ class RotaryEmbedding(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"max_wavelength": self.max_wavelength})
+        config.update(
+            {"max_wavelength": self.max_wavelength, "scaling_factor": self.scaling_factor}
+        )
         return config

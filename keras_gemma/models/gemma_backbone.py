@@ -9,6 +9,8 @@ from keras_hub.models import Backbone
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaBackbone(Backbone):
@@ -21,7 +23,10 @@ class GemmaBackbone(Backbone):
     reverse=True)`), which `GemmaCausalLM` applies.
 
     The constructor arguments match `keras_hub.models.GemmaBackbone`, so a
-    keras-hub user can switch by changing the import.
+    keras-hub user can switch by changing the import. The defaults are Gemma
+    1; Gemma 2 and Gemma 3 text models are the same network with options
+    switched on (post-norms, soft caps, local attention on the layers that
+    `layer_types` names, query/key norms, a RoPE base per attention type).
 
     Args:
         vocabulary_size: int. Size of the token vocabulary.
@@ -35,11 +40,27 @@ class GemmaBackbone(Backbone):
         head_dim: int. Width of each attention head.
         query_head_dim_normalize: bool. Scale queries by `head_dim ** -0.5`
             (True, as Gemma does) or by `(hidden_dim / num_query_heads) ** -0.5`.
+        query_pre_attn_scalar: float or None. If given, queries are scaled by
+            `query_pre_attn_scalar ** -0.5` instead (transformers' name; Gemma
+            2 27B uses `hidden_dim / num_query_heads`).
         use_post_attention_norm: bool. The paper's RMSNorm on each attention
             output. Off by default: the released checkpoints have none.
         use_post_ffw_norm: bool. The same for each feed-forward output.
         layer_norm_epsilon: float. Epsilon of every RMSNorm.
-        rope_max_wavelength: float. RoPE base (10000 in Gemma 1).
+        rope_max_wavelength: float. RoPE base of global layers (10000 in Gemma
+            1 and 2, 1e6 in Gemma 3).
+        local_rope_max_wavelength: float or None. RoPE base of sliding-window
+            layers (10000 in Gemma 3); None means `rope_max_wavelength`.
+        rope_scaling_factor: float. Linear RoPE scaling of global layers
+            (positions divided by it; 8 in the larger Gemma 3 models).
+        attention_logit_soft_cap: float or None. `cap * tanh(logits / cap)` on
+            attention logits (50 in Gemma 2).
+        final_logit_soft_cap: float or None. The same on output logits (30 in
+            Gemma 2).
+        use_query_key_norm: bool. RMSNorm on queries and keys (Gemma 3).
+        sliding_window_size: int or None. Window of local attention layers.
+        layer_types: list of `"full_attention"` / `"sliding_attention"`, one
+            per layer (as transformers' `layer_types`); None means all global.
         dropout: float. Dropout on the residual branches during training.
         dtype: dtype or `keras.DTypePolicy` for weights and computation, for
             example `"bfloat16"` or `"mixed_bfloat16"`. Norms, softmax and
@@ -71,10 +92,18 @@ class GemmaBackbone(Backbone):
         intermediate_dim,
         head_dim,
         query_head_dim_normalize=True,
+        query_pre_attn_scalar=None,
         use_post_attention_norm=False,
         use_post_ffw_norm=False,
         layer_norm_epsilon=1e-6,
         rope_max_wavelength=10000.0,
+        local_rope_max_wavelength=None,
+        rope_scaling_factor=1.0,
+        attention_logit_soft_cap=None,
+        final_logit_soft_cap=None,
+        use_query_key_norm=False,
+        sliding_window_size=None,
+        layer_types=None,
         dropout=0.0,
         dtype=None,
         **kwargs,
@@ -84,6 +113,14 @@ class GemmaBackbone(Backbone):
                 f"num_query_heads ({num_query_heads}) must be a multiple of "
                 f"num_key_value_heads ({num_key_value_heads})."
             )
+        layer_types = list(layer_types or ["full_attention"] * num_layers)
+        if len(layer_types) != num_layers or not set(layer_types) <= set(LAYER_TYPES):
+            raise ValueError(
+                f"layer_types must list {num_layers} entries, each one of "
+                f"{LAYER_TYPES}; got {layer_types}."
+            )
+        if "sliding_attention" in layer_types and not sliding_window_size:
+            raise ValueError("layer_types has sliding_attention layers: set sliding_window_size.")
         # === Layers ===
         self.token_embedding = keras.layers.ReversibleEmbedding(
             input_dim=vocabulary_size,
@@ -95,9 +132,22 @@ class GemmaBackbone(Backbone):
             dtype=dtype,
             name="token_embedding",
         )
-        query_pre_attn_scalar = (
-            head_dim if query_head_dim_normalize else hidden_dim / num_query_heads
-        )
+        if query_pre_attn_scalar is None:
+            query_pre_attn_scalar = (
+                head_dim if query_head_dim_normalize else hidden_dim / num_query_heads
+            )
+
+        def attention_options(layer_type):
+            if layer_type == "sliding_attention":
+                return {
+                    "sliding_window_size": sliding_window_size,
+                    "rope_max_wavelength": local_rope_max_wavelength or rope_max_wavelength,
+                }
+            return {
+                "rope_max_wavelength": rope_max_wavelength,
+                "rope_scaling_factor": rope_scaling_factor,
+            }
+
         self.transformer_layers = [
             GemmaDecoderBlock(
                 hidden_dim=hidden_dim,
@@ -109,12 +159,14 @@ class GemmaBackbone(Backbone):
                 use_post_attention_norm=use_post_attention_norm,
                 use_post_ffw_norm=use_post_ffw_norm,
                 layer_norm_epsilon=layer_norm_epsilon,
-                rope_max_wavelength=rope_max_wavelength,
+                attention_logit_soft_cap=attention_logit_soft_cap,
+                use_query_key_norm=use_query_key_norm,
                 dropout=dropout,
                 dtype=dtype,
                 name=f"decoder_block_{i}",
+                **attention_options(layer_type),
             )
-            for i in range(num_layers)
+            for i, layer_type in enumerate(layer_types)
         ]
         self.layer_norm = RMSNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="final_normalization"
@@ -143,10 +195,18 @@ class GemmaBackbone(Backbone):
         self.intermediate_dim = intermediate_dim
         self.head_dim = head_dim
         self.query_head_dim_normalize = query_head_dim_normalize
+        self.query_pre_attn_scalar = query_pre_attn_scalar
         self.use_post_attention_norm = use_post_attention_norm
         self.use_post_ffw_norm = use_post_ffw_norm
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
+        self.local_rope_max_wavelength = local_rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.final_logit_soft_cap = final_logit_soft_cap
+        self.use_query_key_norm = use_query_key_norm
+        self.sliding_window_size = sliding_window_size
+        self.layer_types = layer_types
         self.dropout = dropout
 
     def embed(self, token_ids):
@@ -223,10 +283,18 @@ class GemmaBackbone(Backbone):
                 "intermediate_dim": self.intermediate_dim,
                 "head_dim": self.head_dim,
                 "query_head_dim_normalize": self.query_head_dim_normalize,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
                 "use_post_attention_norm": self.use_post_attention_norm,
                 "use_post_ffw_norm": self.use_post_ffw_norm,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "rope_max_wavelength": self.rope_max_wavelength,
+                "local_rope_max_wavelength": self.local_rope_max_wavelength,
+                "rope_scaling_factor": self.rope_scaling_factor,
+                "attention_logit_soft_cap": self.attention_logit_soft_cap,
+                "final_logit_soft_cap": self.final_logit_soft_cap,
+                "use_query_key_norm": self.use_query_key_norm,
+                "sliding_window_size": self.sliding_window_size,
+                "layer_types": self.layer_types,
                 "dropout": self.dropout,
             }
         )

@@ -78,7 +78,11 @@ class GemmaCausalLM(CausalLM):
         # Tied output projection; logits returned in float32 for a stable
         # softmax and loss whatever the compute dtype.
         logits = self.backbone.token_embedding(hidden_states, reverse=True)
-        return ops.cast(logits, "float32")  # (b, t, vocabulary_size)
+        logits = ops.cast(logits, "float32")  # (b, t, vocabulary_size)
+        cap = self.backbone.final_logit_soft_cap
+        if cap is not None:
+            logits = ops.tanh(logits / cap) * cap
+        return logits
 
     def compile(
         self,
