@@ -43,9 +43,16 @@ class ArchitecturePresetLoader(PresetLoader):
 
 
 def get_preset_loader(preset):
-    """The loader for `preset`: a named architecture or a local directory."""
+    """The loader for `preset`: a named architecture, a `.gguf` file or a
+    local directory."""
     if isinstance(preset, str) and preset in presets.PRESETS:
         return ArchitecturePresetLoader(preset, presets.backbone_config(preset))
+    if isinstance(preset, (str, os.PathLike)) and os.fspath(preset).endswith(".gguf"):
+        if not os.path.isfile(preset):
+            raise FileNotFoundError(f"GGUF file {os.fspath(preset)} not found.")
+        from keras_gemma.convert.gguf import GGUFPresetLoader
+
+        return GGUFPresetLoader(os.fspath(preset))
     if not isinstance(preset, (str, os.PathLike)) or not os.path.isdir(preset):
         raise ValueError(
             f"Unknown preset {preset!r}: not a named preset "

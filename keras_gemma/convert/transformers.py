@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+from tqdm.auto import tqdm
 from keras_hub.src.utils.preset_utils import PresetLoader
 
 from keras_gemma.convert.safetensors import SafetensorsFile
@@ -295,12 +296,14 @@ def _gemma_weight_map(backbone, prefix="model."):
 _IGNORED = ("lm_head.weight",)
 
 
-def assign_weights(tensors, weight_map):
+def assign_weights(tensors, weight_map, progress=True):
     """Checks every tensor, then assigns them all: never a half-loaded model.
 
     Args:
-        tensors: name -> `SafetensorsFile` holding it.
+        tensors: name -> the source holding it (`SafetensorsFile`, or
+            `GGUFTensors`): `.path`, `.shapes[name]`, `.get(name)`.
         weight_map: `[(name, source shape, variable, transform)]`.
+        progress: show a progress bar while reading and converting.
     """
     files = ", ".join(sorted({t.path for t in tensors.values()}))
     missing = [name for name, *_ in weight_map if name not in tensors]
@@ -325,6 +328,7 @@ def assign_weights(tensors, weight_map):
             f"model built from config.json ({len(extra)} such tensors: "
             f"{extra[:6]}); is the checkpoint of another architecture?"
         )
-    for name, _, variable, transform in weight_map:
+    bar = tqdm(weight_map, desc="Loading weights", unit="tensor", disable=not progress)
+    for name, _, variable, transform in bar:
         value = np.asarray(tensors[name].get(name), dtype=np.float32)
         variable.assign(transform(value))
