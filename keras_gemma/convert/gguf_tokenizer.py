@@ -19,9 +19,11 @@ Gemma's real one does:
 - In user-defined tokens "\u2581" (SentencePiece's escaped space) was replaced by a real
   space: Gemma's runs of spaces ("\u2581\u2581", ...) are stored as "  ". They are respelled.
 
-What a GGUF does not store (the training settings) is set to Gemma's: BPE with byte
-fallback, identity normalization, no dummy prefix, whitespace kept as is. Whether BOS is
-prepended (`tokenizer.ggml.add_bos_token`) is the caller's business, as with SentencePiece.
+What a GGUF does not store is set as in Gemma's model: BPE (the scores order the merges),
+byte fallback when the file has byte tokens, identity normalization (no NFKC), spaces
+escaped and kept as written. The dummy prefix follows `tokenizer.ggml.add_space_prefix`
+(false for Gemma). Whether BOS is prepended (`tokenizer.ggml.add_bos_token`) is the
+caller's business, as with any SentencePiece model.
 """
 
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
@@ -46,7 +48,9 @@ def _field(reader, key, required=True, default=None):
     field = reader.fields.get(key)
     if field is None:
         if required:
-            raise ValueError(f"{_name(reader)} has no {key!r} field; it holds no SentencePiece tokenizer.")
+            raise ValueError(
+                f"{_name(reader)} has no {key!r} field; it holds no SentencePiece tokenizer."
+            )
         return default
     return field.contents()
 
@@ -56,10 +60,13 @@ def _name(reader):
 
 
 def _piece_type(token_type, token_id, special_ids, key):
+    """The SentencePiece type of the token `token_id` that llama.cpp typed `token_type`."""
     if token_type == _CONTROL:
         return _Piece.CONTROL if token_id in special_ids else _Piece.USER_DEFINED
     if token_type not in _PIECE_TYPES:
-        raise ValueError(f"{key}[{token_id}] is {token_type}, not a llama.cpp token type (0 to 6).")
+        raise ValueError(
+            f"{key}[{token_id}] is {token_type}, not a llama.cpp token type (0 to 6)."
+        )
     return _PIECE_TYPES[token_type]
 
 
@@ -78,18 +85,21 @@ def sentencepiece_proto_from_gguf(reader):
     types = _field(reader, "tokenizer.ggml.token_type")
     for key, values in (("tokenizer.ggml.scores", scores), ("tokenizer.ggml.token_type", types)):
         if len(values) != len(tokens):
-            raise ValueError(
-                f"{_name(reader)} has {len(values)} {key!r} for {len(tokens)} tokens."
-            )
+            raise ValueError(f"{_name(reader)} has {len(values)} {key!r} for {len(tokens)} tokens.")
 
     def token_id(key, required):
         value = _field(reader, f"tokenizer.ggml.{key}", required=required, default=-1)
         if not -1 <= value < len(tokens):
-            raise ValueError(f"'tokenizer.ggml.{key}' = {value} is outside the {len(tokens)} tokens.")
+            raise ValueError(
+                f"{_name(reader)} has 'tokenizer.ggml.{key}' = {value}, outside its "
+                f"{len(tokens)} tokens."
+            )
         return value
 
     unk_id = token_id("unknown_token_id", required=True)
-    bos_id, eos_id, pad_id = (token_id(k, False) for k in ("bos_token_id", "eos_token_id", "padding_token_id"))
+    bos_id, eos_id, pad_id = (
+        token_id(key, False) for key in ("bos_token_id", "eos_token_id", "padding_token_id")
+    )
     special_ids = {bos_id, eos_id, pad_id} - {-1}
 
     proto = model_pb2.ModelProto()
@@ -110,12 +120,11 @@ def sentencepiece_proto_from_gguf(reader):
     trainer = proto.trainer_spec
     trainer.model_type = model_pb2.TrainerSpec.BPE
     trainer.vocab_size = len(tokens)
-    # Gemma's training settings. Only byte_fallback and treat_whitespace_as_suffix change
-    # encoding; the others are recorded so the model describes itself as Gemma's does.
+    # Of the training settings only byte_fallback and treat_whitespace_as_suffix change how a
+    # BPE model encodes; split_digits (from the Gemma report) only says how it was trained.
     trainer.byte_fallback = any(p.type == _Piece.BYTE for p in proto.pieces)
-    trainer.split_digits = True
-    trainer.allow_whitespace_only_pieces = True
     trainer.treat_whitespace_as_suffix = False
+    trainer.split_digits = True
     trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = unk_id, bos_id, eos_id, pad_id
     trainer.unk_piece = piece_at(unk_id, "<unk>")
     trainer.bos_piece = piece_at(bos_id, "<s>")
@@ -125,9 +134,11 @@ def sentencepiece_proto_from_gguf(reader):
     normalizer = proto.normalizer_spec
     normalizer.name = "identity"  # no NFKC: the text is tokenized as written
     # llama.cpp's defaults when a file does not say: a dummy prefix, extra spaces kept.
-    normalizer.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", False, True))
+    normalizer.add_dummy_prefix = bool(
+        _field(reader, "tokenizer.ggml.add_space_prefix", required=False, default=True)
+    )
     normalizer.remove_extra_whitespaces = bool(
-        _field(reader, "tokenizer.ggml.remove_extra_whitespaces", False, False)
+        _field(reader, "tokenizer.ggml.remove_extra_whitespaces", required=False, default=False)
     )
     normalizer.escape_whitespaces = True
     return proto.SerializeToString()

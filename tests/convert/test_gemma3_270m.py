@@ -118,3 +118,37 @@ def test_greedy_continuations_equal_transformers(ours, reference):
 def test_generates_text(ours):
     text = ours.generate("The capital of France is", max_length=16)
     assert text.startswith("The capital of France is") and len(text) > 30
+
+
+def test_greedy_continuations_against_llama_cpp(ours, gguf_path):
+    """llama.cpp computes with the quantized weights as they are (keras_gemma
+    dequantizes them to float32), so continuations drift apart at some point;
+    they must start the same. The agreeing prefix is printed for the record."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason='llama-cpp-python is not installed (pip install "keras-gemma[llama]")'
+    )
+    llama = llama_cpp.Llama(model_path=gguf_path, n_ctx=256, verbose=False)
+    token_level = keras_gemma.GemmaCausalLM(ours.backbone, preprocessor=None)
+    prompts = [encode(ours, text) for text in TEXTS[:3]]
+    token_ids, mask = right_padded([p + [0] * NEW_TOKENS for p in prompts])
+    mask[:] = False
+    for i, p in enumerate(prompts):
+        mask[i, : len(p)] = True
+    out = token_level.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
+    agree = []
+    for row, prompt in zip(out["token_ids"], prompts):
+        # Same tokenization of the prompt as llama.cpp's own.
+        text_ids = llama.tokenize(ours.preprocessor.tokenizer.detokenize(prompt[1:]).encode(), add_bos=False, special=True)
+        assert text_ids == prompt[1:]
+        llama.reset()
+        expected = []
+        for token in llama.generate(prompt, temp=0.0):
+            expected.append(token)
+            if len(expected) == NEW_TOKENS:
+                break
+        got = [int(t) for t in row[len(prompt) : len(prompt) + NEW_TOKENS]]
+        n = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), NEW_TOKENS)
+        agree.append(n)
+    llama.close()
+    print(f"greedy tokens agreeing with llama.cpp (of {NEW_TOKENS}): {agree}")
+    assert min(agree) >= 4, agree
