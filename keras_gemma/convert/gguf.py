@@ -39,15 +39,13 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
 def _field(reader, key, default=None, required=False, path=""):
+    """A metadata value (scalar, string or list), or `default` if absent."""
     field = reader.fields.get(key)
     if field is None:
         if required:
             raise ValueError(f"{path} lacks the GGUF metadata field {key!r}.")
         return default
-    value = field.parts[field.data[0]]
-    if len(field.types) == 1 and field.types[0].name == "STRING":
-        return bytes(value).decode("utf-8")
-    return value.tolist()[0] if hasattr(value, "tolist") else value
+    return field.contents()
 
 
 class GGUFTensors:
