@@ -87,3 +87,30 @@ def test_cached_generation_across_the_window(tmp_path, make_config):
             logits = to_numpy(lm({"token_ids": x, "padding_mask": (np.arange(length) < len(ids))[None]}))
             ids.append(int(logits[0, len(ids) - 1].argmax()))
         assert list(row) == ids
+
+
+def test_text_part_of_an_image_text_gemma3_checkpoint(tmp_path):
+    """A `gemma3` (image-text) checkpoint: the text decoder loads, the vision
+    tower is left out, and text-only logits equal transformers'."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=28, patch_size=14,
+    )
+    config = Gemma3Config(
+        text_config=gemma3_config(), vision_config=vision, mm_tokens_per_image=4,
+        boi_token_index=381, eoi_token_index=382, image_token_index=383,
+    )
+    config._attn_implementation = config.text_config._attn_implementation = "eager"
+    torch.manual_seed(13)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * (0.5 if "norm" in name else 0.2))
+    model.save_pretrained(tmp_path)
+    expected = transformers_logits(model, TOKEN_IDS[:1], PADDING_MASK[:1])
+    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+    got = to_numpy(keras_gemma.GemmaCausalLM(backbone)({"token_ids": TOKEN_IDS[:1], "padding_mask": PADDING_MASK[:1]}))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
