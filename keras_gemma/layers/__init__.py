@@ -3,6 +3,7 @@
 from keras_gemma.layers.rms_normalization import RMSNormalization
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding
 from keras_gemma.layers.attention import GemmaAttention
+from keras_gemma.layers.attention import causal_attention_mask
 from keras_gemma.layers.feed_forward import GemmaFeedForward
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 
@@ -10,6 +11,7 @@ __all__ = [
     "RMSNormalization",
     "RotaryEmbedding",
     "GemmaAttention",
+    "causal_attention_mask",
     "GemmaFeedForward",
     "GemmaDecoderBlock",
 ]

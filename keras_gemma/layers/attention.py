@@ -48,8 +48,9 @@ class GemmaAttention(keras.layers.Layer):
     Call arguments:
         x: `(batch, seq, hidden_dim)` inputs (already normalized).
         attention_mask: bool `(batch, seq, key_len)`, True where a query may
-            attend to a key. Without a cache `key_len == seq`; with a cache it
-            is the cache length.
+            attend to a key (see `causal_attention_mask`). Without a cache
+            `key_len == seq`; with a cache it is the cache length. Default:
+            causal, no padding, no window.
         cache: optional `(batch, 2, cache_len, num_key_value_heads, head_dim)`
             keys and values of earlier positions. When given, the new keys and
             values are written at `cache_update_index` and the updated cache is
@@ -63,8 +64,10 @@ class GemmaAttention(keras.layers.Layer):
         num_query_heads=4, num_key_value_heads=1, head_dim=8
     )
     x = np.random.rand(2, 5, 16).astype("float32")
-    mask = np.tril(np.ones((5, 5), bool))[None].repeat(2, axis=0)
-    y = attention(x, attention_mask=mask)  # (2, 5, 16)
+    y = attention(x)  # causal: (2, 5, 16)
+    padding_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    mask = keras_gemma.layers.causal_attention_mask(2, 5, 5, 0, padding_mask)
+    y = attention(x, attention_mask=mask)
     ```
     """
 
@@ -150,6 +153,11 @@ class GemmaAttention(keras.layers.Layer):
             self.key_norm.build((None, None, kv_heads, head_dim))
 
     def call(self, x, attention_mask=None, cache=None, cache_update_index=0):
+        if attention_mask is None:
+            key_len = ops.shape(x)[1] if cache is None else ops.shape(cache)[2]
+            attention_mask = causal_attention_mask(
+                ops.shape(x)[0], ops.shape(x)[1], key_len, cache_update_index
+            )
         query = self.query_dense(x)  # (b, t, N, h)
         key = self.key_dense(x)  # (b, t, K, h)
         value = self.value_dense(x)  # (b, t, K, h)
@@ -212,3 +220,21 @@ class GemmaAttention(keras.layers.Layer):
             }
         )
         return config
+
+
+def causal_attention_mask(
+    batch, query_len, key_len, start, padding_mask=None, sliding_window_size=None
+):
+    """Bool `(batch, query_len, key_len)`: query `i` (at position `start + i`)
+    sees key `j` when `j <= start + i`, key `j` is not padding and, with a
+    sliding window, `start + i - j < sliding_window_size`."""
+    query_positions = ops.arange(query_len, dtype="int32") + ops.cast(start, "int32")  # (t,)
+    key_positions = ops.arange(key_len, dtype="int32")  # (s,)
+    mask = key_positions[None, :] <= query_positions[:, None]  # (t, s)
+    if sliding_window_size is not None:
+        in_window = key_positions[None, :] > query_positions[:, None] - sliding_window_size
+        mask = ops.logical_and(mask, in_window)  # (t, s)
+    mask = ops.broadcast_to(mask[None], (batch, query_len, key_len))
+    if padding_mask is not None:
+        mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, :])
+    return mask

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_gemma.layers.attention import GemmaAttention
+from keras_gemma.layers.attention import causal_attention_mask
 from keras_gemma.layers.feed_forward import GemmaFeedForward
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
@@ -203,20 +204,3 @@ class GemmaDecoderBlock(keras.layers.Layer):
         )
         return config
 
-
-def causal_attention_mask(
-    batch, query_len, key_len, start, padding_mask=None, sliding_window_size=None
-):
-    """Bool `(batch, query_len, key_len)`: query `i` (at position `start + i`)
-    sees key `j` when `j <= start + i`, key `j` is not padding and, with a
-    sliding window, `start + i - j < sliding_window_size`."""
-    query_positions = ops.arange(query_len, dtype="int32") + ops.cast(start, "int32")  # (t,)
-    key_positions = ops.arange(key_len, dtype="int32")  # (s,)
-    mask = key_positions[None, :] <= query_positions[:, None]  # (t, s)
-    if sliding_window_size is not None:
-        in_window = key_positions[None, :] > query_positions[:, None] - sliding_window_size
-        mask = ops.logical_and(mask, in_window)  # (t, s)
-    mask = ops.broadcast_to(mask[None], (batch, query_len, key_len))
-    if padding_mask is not None:
-        mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, :])
-    return mask

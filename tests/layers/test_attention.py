@@ -4,7 +4,7 @@ from keras import ops
 
 from helpers import to_numpy
 from keras_gemma.layers import GemmaAttention
-from keras_gemma.layers.decoder_block import causal_attention_mask
+from keras_gemma.layers import causal_attention_mask
 
 
 def make(num_query_heads=4, num_key_value_heads=2, head_dim=8, hidden=16, **kwargs):
@@ -77,3 +77,19 @@ def test_query_pre_attn_scalar_scales_queries():
 def test_heads_must_divide():
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         GemmaAttention(num_query_heads=4, num_key_value_heads=3, head_dim=8)
+
+
+def test_default_mask_is_causal():
+    x = np.random.RandomState(0).randn(2, 5, 16).astype("float32")
+    layer = make()
+    np.testing.assert_allclose(to_numpy(layer(x)), run(layer, x), atol=1e-6)
+
+
+def test_sliding_window_mask():
+    mask = to_numpy(causal_attention_mask(1, 6, 6, 0, sliding_window_size=3))[0]
+    expected = np.array([[0 <= i - j < 3 for j in range(6)] for i in range(6)])
+    np.testing.assert_array_equal(mask, expected)
+    # Cached: queries at positions 4 and 5 over an 8-long cache.
+    mask = to_numpy(causal_attention_mask(1, 2, 8, 4, sliding_window_size=3))[0]
+    expected = np.array([[0 <= i - j < 3 for j in range(8)] for i in (4, 5)])
+    np.testing.assert_array_equal(mask, expected)
