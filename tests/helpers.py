@@ -119,3 +119,89 @@ def to_numpy(x):
     import keras
 
     return keras.ops.convert_to_numpy(x)
+
+
+# llama.cpp's Gemma 3 tensor names for transformers' ones.
+_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(name):
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    _, _, block, rest = name.split(".", 3)
+    return f"blk.{block}.{_NAMES[rest[: -len('.weight')]]}.weight"
+
+
+def write_gemma3_gguf(path, model, quantization, spm_proto=None):
+    """Writes a transformers Gemma 3 `model` as llama.cpp's converter does:
+    norms stored as 1 + scale, 2-D weights in `quantization` (a
+    `gguf.GGMLQuantizationType`), the rest in float32; the vocabulary from
+    `spm_proto` (SentencePiece piece types are llama.cpp's token types) or
+    placeholder tokens of the right number."""
+    import gguf
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_sliding_window(c.sliding_window)
+    # A vocabulary of the right size (transformers takes vocab_size from it).
+    if spm_proto is None:
+        tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"t{i}" for i in range(4, c.vocab_size)]
+        scores = [-float(i) for i in range(c.vocab_size)]
+        types = [3, 3, 3, 2] + [1] * (c.vocab_size - 4)
+    else:
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(spm_proto)
+        tokens = [p.piece for p in proto.pieces]
+        scores = [p.score for p in proto.pieces]
+        types = [int(p.type) for p in proto.pieces]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_pad_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_bos_token_id(2)
+    writer.add_unk_token_id(3)
+    writer.add_add_space_prefix(False)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        value = tensor.float().numpy()
+        if name.endswith("norm.weight"):
+            writer.add_tensor(gguf_name(name), value + 1.0)
+        elif value.ndim == 2:
+            data = gguf.quants.quantize(value, quantization)
+            writer.add_tensor(gguf_name(name), data, raw_shape=data.shape, raw_dtype=quantization)
+        else:
+            writer.add_tensor(gguf_name(name), value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

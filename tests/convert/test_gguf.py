@@ -7,76 +7,9 @@ import numpy as np
 import pytest
 
 import keras_gemma
-from helpers import save_transformers_model, to_numpy
+from helpers import save_transformers_model, to_numpy, write_gemma3_gguf
 
 gguf = pytest.importorskip("gguf")
-
-# llama.cpp's Gemma 3 tensor names for transformers' ones.
-_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(name):
-    if name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if name == "model.norm.weight":
-        return "output_norm.weight"
-    _, _, block, rest = name.split(".", 3)
-    return f"blk.{block}.{_NAMES[rest[: -len('.weight')]]}.weight"
-
-
-def write_gemma3_gguf(path, model, quantization, architecture="gemma3"):
-    """Writes `model` as llama.cpp's converter does: norms stored as 1 + scale,
-    2-D weights in `quantization`, the rest in float32."""
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
-    writer.add_sliding_window(c.sliding_window)
-    # A vocabulary of the right size (transformers takes vocab_size from it).
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"t{i}" for i in range(4, c.vocab_size)]
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([-float(i) for i in range(c.vocab_size)])
-    writer.add_token_types([3, 3, 3, 2] + [1] * (c.vocab_size - 4))
-    writer.add_unk_token_id(3)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        value = tensor.float().numpy()
-        if name.endswith("norm.weight"):
-            writer.add_tensor(gguf_name(name), value + 1.0)
-        elif value.ndim == 2:
-            data = gguf.quants.quantize(value, quantization)
-            writer.add_tensor(gguf_name(name), data, raw_shape=data.shape, raw_dtype=quantization)
-        else:
-            writer.add_tensor(gguf_name(name), value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
 
 def tiny_gemma3(tmp_path):
     from transformers import Gemma3TextConfig
