@@ -30,7 +30,7 @@ CORPUS = [
 ] * 4
 
 
-def train_sentencepiece(vocab_size=384):
+def train_sentencepiece(vocab_size=384, user_defined_symbols=("<start_of_turn>", "<end_of_turn>")):
     """Serialized SentencePiece model with Gemma's special tokens and ids
     (pad 0, eos 1, bos 2, unk 3, then the chat control tokens)."""
     import sentencepiece as spm
@@ -49,7 +49,7 @@ def train_sentencepiece(vocab_size=384):
         eos_piece="<eos>",
         bos_piece="<bos>",
         unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=list(user_defined_symbols),
         byte_fallback=True,
         character_coverage=1.0,
         minloglevel=2,

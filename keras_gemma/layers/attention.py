@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma.layers.projection import einsum_projection
 from keras_gemma.layers.rms_normalization import RMSNormalization
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding
 
@@ -107,17 +108,8 @@ class GemmaAttention(keras.layers.Layer):
         policy = self.dtype_policy
 
         def projection(equation, output_shape, name):
-            # A fresh initializer each: one unseeded instance repeats its values,
-            # which would start key and value kernels identical.
-            initializer = keras.initializers.get(
-                keras.initializers.serialize(self.kernel_initializer)
-            )
-            return keras.layers.EinsumDense(
-                equation,
-                output_shape=output_shape,
-                kernel_initializer=initializer,
-                dtype=policy,
-                name=name,
+            return einsum_projection(
+                equation, output_shape, self.kernel_initializer, policy, name
             )
 
         heads, kv_heads, head_dim = (

@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_gemma.layers.projection import einsum_projection
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaFeedForward(keras.layers.Layer):
@@ -43,16 +45,8 @@ class GemmaFeedForward(keras.layers.Layer):
         branch_dim = self.intermediate_dim // 2
 
         def dense(equation, output_shape, name):
-            # A fresh initializer each (an unseeded instance repeats its values).
-            initializer = keras.initializers.get(
-                keras.initializers.serialize(self.kernel_initializer)
-            )
-            return keras.layers.EinsumDense(
-                equation,
-                output_shape=output_shape,
-                kernel_initializer=initializer,
-                dtype=self.dtype_policy,
-                name=name,
+            return einsum_projection(
+                equation, output_shape, self.kernel_initializer, self.dtype_policy, name
             )
 
         # Names as in keras-hub, so its layout maps and LoRA targets carry over.

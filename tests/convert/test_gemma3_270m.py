@@ -92,21 +92,25 @@ def test_last_position_logits_equal_transformers(ours, reference):
         np.testing.assert_allclose(got[i, last], expected[i, last], atol=2e-3, rtol=0, err_msg=text)
 
 
+def greedy_ragged(ours, prompts):
+    """keras_gemma's greedy continuations of `prompts`, one ragged batch."""
+    token_level = keras_gemma.GemmaCausalLM(ours.backbone, preprocessor=None)
+    token_ids, mask = right_padded([p + [0] * NEW_TOKENS for p in prompts])
+    mask[:] = False
+    for i, p in enumerate(prompts):
+        mask[i, : len(p)] = True
+    out = token_level.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
+    return [[int(t) for t in row[len(p) : len(p) + NEW_TOKENS]] for row, p in zip(out["token_ids"], prompts)]
+
+
 def test_greedy_continuations_equal_transformers(ours, reference):
     """One ragged batch through keras_gemma; each prompt alone through
     transformers (no padding on its side)."""
     import torch
 
     _, model = reference
-    token_level = keras_gemma.GemmaCausalLM(ours.backbone, preprocessor=None)
     prompts = [encode(ours, text) for text in TEXTS[:3]]
-    token_ids, mask = right_padded([p + [0] * NEW_TOKENS for p in prompts])
-    mask[:] = False
-    for i, p in enumerate(prompts):
-        mask[i, : len(p)] = True
-    out = token_level.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
-    for row, prompt in zip(out["token_ids"], prompts):
-        got = [int(t) for t in row[len(prompt) : len(prompt) + NEW_TOKENS]]
+    for got, prompt in zip(greedy_ragged(ours, prompts), prompts):
         with torch.no_grad():
             expected = model.generate(
                 torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -128,15 +132,9 @@ def test_greedy_continuations_against_llama_cpp(ours, gguf_path):
         "llama_cpp", reason='llama-cpp-python is not installed (pip install "keras-gemma[llama]")'
     )
     llama = llama_cpp.Llama(model_path=gguf_path, n_ctx=256, verbose=False)
-    token_level = keras_gemma.GemmaCausalLM(ours.backbone, preprocessor=None)
     prompts = [encode(ours, text) for text in TEXTS[:3]]
-    token_ids, mask = right_padded([p + [0] * NEW_TOKENS for p in prompts])
-    mask[:] = False
-    for i, p in enumerate(prompts):
-        mask[i, : len(p)] = True
-    out = token_level.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
     agree = []
-    for row, prompt in zip(out["token_ids"], prompts):
+    for got, prompt in zip(greedy_ragged(ours, prompts), prompts):
         # Same tokenization of the prompt as llama.cpp's own.
         text_ids = llama.tokenize(ours.preprocessor.tokenizer.detokenize(prompt[1:]).encode(), add_bos=False, special=True)
         assert text_ids == prompt[1:]
@@ -146,7 +144,6 @@ def test_greedy_continuations_against_llama_cpp(ours, gguf_path):
             expected.append(token)
             if len(expected) == NEW_TOKENS:
                 break
-        got = [int(t) for t in row[len(prompt) : len(prompt) + NEW_TOKENS]]
         n = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), NEW_TOKENS)
         agree.append(n)
     llama.close()

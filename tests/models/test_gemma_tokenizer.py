@@ -1,10 +1,8 @@
-import io
-
 import numpy as np
 import pytest
 
 import keras_gemma
-from helpers import CORPUS
+from helpers import CORPUS, train_sentencepiece
 
 
 def test_special_tokens_found_by_string(tokenizer, spm_proto):
@@ -43,27 +41,9 @@ def test_works_inside_tf_data(tokenizer):
 
 
 def test_vocabulary_without_a_special_token_is_rejected():
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 4),
-        model_writer=model,
-        vocab_size=120,
-        model_type="bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>"],  # no <end_of_turn>
-        minloglevel=2,
-    )
+    proto = train_sentencepiece(user_defined_symbols=["<start_of_turn>"])  # no <end_of_turn>
     with pytest.raises(ValueError, match="<end_of_turn>"):
-        keras_gemma.GemmaTokenizer(proto=model.getvalue())
+        keras_gemma.GemmaTokenizer(proto=proto)
 
 
 def test_from_a_file_path(spm_path):
