@@ -7,7 +7,6 @@ renamed to the transformers layout, so the weight mapping and the all-or-
 nothing checks of `keras_gemma.convert.transformers` apply unchanged.
 """
 
-import os
 import re
 
 import numpy as np

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 from keras_hub.models import CausalLM
+from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
@@ -170,10 +171,7 @@ class GemmaCausalLM(CausalLM):
 
         if stop_token_ids is not None:
             # Keep everything up to and including each row's first new stop token.
-            stop = ops.zeros_like(token_ids, dtype="bool")
-            for stop_id in stop_token_ids:
-                stop = ops.logical_or(stop, ops.equal(token_ids, stop_id))
-            stop = ops.logical_and(stop, ops.logical_not(padding_mask))
+            stop = any_equal(token_ids, stop_token_ids, ops.logical_not(padding_mask))
             stop = ops.cast(stop, "int32")
             after_stop = ops.cumsum(stop, axis=-1) - stop
             padding_mask = ops.equal(after_stop, 0)
