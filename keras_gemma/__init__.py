@@ -1,6 +1,7 @@
 """keras_gemma: Gemma as Keras 3 layers and models on JAX, TensorFlow and PyTorch."""
 
 from keras_gemma import layers
+from keras_gemma.chat import format_chat
 from keras_gemma import presets
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
@@ -14,6 +15,7 @@ __all__ = [
     "GemmaCausalLM",
     "GemmaCausalLMPreprocessor",
     "GemmaTokenizer",
+    "format_chat",
     "layers",
     "presets",
 ]

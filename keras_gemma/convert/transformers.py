@@ -253,8 +253,8 @@ def _gemma_weight_map(backbone, prefix="model."):
         return w.T
 
     def rows_to_heads(heads):
-        # q/k/v_proj (heads * head_dim, hidden) -> kernel (heads, hidden, head_dim)
-        return lambda w: w.reshape(heads, h, d).transpose(0, 2, 1)
+        # q/k/v_proj (heads * head_dim, hidden) -> kernel (hidden, heads, head_dim)
+        return lambda w: w.T.reshape(d, heads, h)
 
     def columns_to_heads(w):
         # o_proj (hidden, heads * head_dim) -> kernel (heads, head_dim, hidden)
@@ -275,7 +275,7 @@ def _gemma_weight_map(backbone, prefix="model."):
             (p + "self_attn.o_proj.weight", (d, n * h), attention.output_dense.kernel, columns_to_heads),
             (p + "mlp.gate_proj.weight", (f, d), ffw.gate.kernel, transpose),
             (p + "mlp.up_proj.weight", (f, d), ffw.up.kernel, transpose),
-            (p + "mlp.down_proj.weight", (d, f), ffw.down.kernel, transpose),
+            (p + "mlp.down_proj.weight", (d, f), ffw.down.kernel, same),
         ]
         if block.post_attention_norm is None:
             # Gemma 1 in transformers names its pre-feed-forward norm this way.

@@ -50,8 +50,10 @@ class GemmaAttention(keras.layers.Layer):
         x: `(batch, seq, hidden_dim)` inputs (already normalized).
         attention_mask: bool `(batch, seq, key_len)`, True where a query may
             attend to a key (see `causal_attention_mask`). Without a cache
-            `key_len == seq`; with a cache it is the cache length. Default:
-            causal, no padding, no window.
+            `key_len == seq`; with a cache, attention covers the first
+            `key_len` cached positions (the whole cache when decoding; just
+            the new positions when prefilling from position 0). Default:
+            causal over everything, no padding, no window.
         cache: optional `(batch, 2, cache_len, num_key_value_heads, head_dim)`
             keys and values of earlier positions. When given, the new keys and
             values are written at `cache_update_index` and the updated cache is
@@ -117,10 +119,14 @@ class GemmaAttention(keras.layers.Layer):
             self.num_key_value_heads,
             self.head_dim,
         )
-        # kernel (heads, hidden, head_dim): (batch, seq, hidden) -> (batch, seq, heads, head_dim)
-        self.query_dense = projection("btd,ndh->btnh", (None, heads, head_dim), "query")
-        self.key_dense = projection("bsd,kdh->bskh", (None, kv_heads, head_dim), "key")
-        self.value_dense = projection("bsd,kdh->bskh", (None, kv_heads, head_dim), "value")
+        # Kernels are laid out (inputs, outputs), contracted dimensions first:
+        # XLA then runs the one-token decoding products as plain matrix-vector
+        # products; with keras-hub's (heads, hidden, head_dim) it copies and
+        # transposes the query kernel on every step (4x slower attention).
+        # kernel (hidden, heads, head_dim): (batch, seq, hidden) -> (batch, seq, heads, head_dim)
+        self.query_dense = projection("btd,dnh->btnh", (None, heads, head_dim), "query")
+        self.key_dense = projection("bsd,dkh->bskh", (None, kv_heads, head_dim), "key")
+        self.value_dense = projection("bsd,dkh->bskh", (None, kv_heads, head_dim), "value")
         # kernel (heads, head_dim, hidden): (batch, seq, heads, head_dim) -> (batch, seq, hidden)
         self.output_dense = projection("btnh,nhd->btd", (None, hidden_dim), "attention_output")
         self.query_dense.build(input_shape)
@@ -159,9 +165,11 @@ class GemmaAttention(keras.layers.Layer):
         key = self.rope(key, start_index=cache_update_index)
         if cache is not None:
             update = ops.stack([key, value], axis=1)  # (b, 2, t, K, h)
-            start = [0, 0, cache_update_index, 0, 0]
-            cache = ops.slice_update(cache, start, update)
-            key, value = cache[:, 0], cache[:, 1]  # (b, cache_len, K, h)
+            cache = write_cache(cache, update, cache_update_index)
+            # Attend to as many cached positions as the mask is wide: all of
+            # them when decoding, only the new ones in a prefill from 0.
+            key_len = attention_mask.shape[-1]
+            key, value = cache[:, 0, :key_len], cache[:, 1, :key_len]  # (b, s, K, h)
         output = self.output_dense(self._attend(query, key, value, attention_mask))
         if cache is not None:
             return output, cache
@@ -212,6 +220,21 @@ class GemmaAttention(keras.layers.Layer):
             }
         )
         return config
+
+
+def write_cache(cache, update, index):
+    """`cache` `(b, 2, L, K, h)` with `update` `(b, 2, t, K, h)` written at
+    position `index`, returned as the new cache."""
+    if keras.config.backend() == "torch":
+        import torch
+
+        # Speed: `ops.slice_update` clones the whole cache on torch, one copy
+        # per layer per token. Outside autograd, write in place instead, with a
+        # tensor index so nothing waits on the device.
+        if not torch.is_grad_enabled():
+            positions = torch.arange(update.shape[2], device=cache.device) + index
+            return cache.index_copy_(2, positions, update)
+    return ops.slice_update(cache, [0, 0, index, 0, 0], update)
 
 
 def causal_attention_mask(

@@ -142,20 +142,24 @@ class GemmaDecoderBlock(keras.layers.Layer):
         padding_mask=None,
         cache=None,
         cache_update_index=0,
+        attention_mask=None,
         training=None,
     ):
         """`x` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)`, 1 on real
         tokens. With `cache`, `x` holds positions `cache_update_index...` and
-        `(x, cache)` is returned; attention is then causal over the cache."""
-        key_len = ops.shape(x)[1] if cache is None else ops.shape(cache)[2]
-        attention_mask = causal_attention_mask(
-            ops.shape(x)[0],
-            ops.shape(x)[1],
-            key_len,
-            cache_update_index,
-            padding_mask,
-            self.sliding_window_size,
-        )
+        `(x, cache)` is returned; attention is then causal over the cache.
+        `attention_mask` `(batch, seq, key_len)` replaces the mask the block
+        would build (callers running many blocks build it once per window)."""
+        if attention_mask is None:
+            key_len = ops.shape(x)[1] if cache is None else ops.shape(cache)[2]
+            attention_mask = causal_attention_mask(
+                ops.shape(x)[0],
+                ops.shape(x)[1],
+                key_len,
+                cache_update_index,
+                padding_mask,
+                self.sliding_window_size,
+            )
         h = self.pre_attention_norm(x)
         if cache is not None:
             h, cache = self.attention(

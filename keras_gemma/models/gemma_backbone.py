@@ -6,6 +6,7 @@ import keras
 from keras import ops
 from keras_hub.models import Backbone
 
+from keras_gemma.layers.attention import causal_attention_mask
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
@@ -226,16 +227,66 @@ class GemmaBackbone(Backbone):
 
         Returns:
             `(hidden_states, cache)`: final-normed `(batch, seq, hidden_dim)`
-            and the cache with these positions written.
+            and the cache with these positions written. On PyTorch, outside
+            autograd, the cache tensors are written in place.
         """
+        batch, seq = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        masks = self._attention_masks(batch, seq, ops.shape(cache[0])[2], cache_update_index)
         x = self.embed(token_ids)
         new_cache = []
         for block, layer_cache in zip(self.transformer_layers, cache):
             x, layer_cache = block(
-                x, cache=layer_cache, cache_update_index=cache_update_index
+                x,
+                cache=layer_cache,
+                cache_update_index=cache_update_index,
+                attention_mask=masks[block.sliding_window_size],
             )
             new_cache.append(layer_cache)
         return self.layer_norm(x), tuple(new_cache)
+
+    def prefill(self, token_ids, cache):
+        """Writes the keys and values of `token_ids` at positions `0...` into
+        `cache` in one pass, computing only what the cache needs.
+
+        Attention covers just these positions (not the whole preallocated
+        cache), and the last block stops after its keys and values: its
+        feed-forward, the final norm and the logits would be thrown away.
+        Positions after a row's padding hold keys of padding tokens; decoding
+        overwrites them before any query can see them.
+
+        Args:
+            token_ids: int `(batch, seq)`, `seq <= cache_len`.
+            cache: the tuple of `init_cache`.
+
+        Returns:
+            The cache with positions `0...seq - 1` written.
+        """
+        batch, seq = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        masks = self._attention_masks(batch, seq, seq, 0)
+        x = self.embed(token_ids)
+        new_cache = []
+        last = len(self.transformer_layers) - 1
+        for i, (block, layer_cache) in enumerate(zip(self.transformer_layers, cache)):
+            mask = masks[block.sliding_window_size]
+            if i < last:
+                x, layer_cache = block(
+                    x, cache=layer_cache, cache_update_index=0, attention_mask=mask
+                )
+            else:
+                h = block.pre_attention_norm(x)
+                _, layer_cache = block.attention(
+                    h, attention_mask=mask, cache=layer_cache, cache_update_index=0
+                )
+            new_cache.append(layer_cache)
+        return tuple(new_cache)
+
+    def _attention_masks(self, batch, query_len, key_len, start):
+        """The causal mask of each attention window in use, built once for
+        all blocks: `{None: global, sliding_window_size: local}`."""
+        return {
+            window: causal_attention_mask(batch, query_len, key_len, start, None, window)
+            for window in {block.sliding_window_size for block in self.transformer_layers}
+        }
 
     def init_cache(self, batch_size, cache_len):
         """A zeroed key/value cache: one tensor per layer, preallocated to

@@ -2,6 +2,7 @@
 
 import keras
 from keras_hub.models import CausalLMPreprocessor
+from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_tokenizer import GemmaTokenizer
@@ -57,15 +58,30 @@ class GemmaCausalLMPreprocessor(CausalLMPreprocessor):
         check_preset_class(loader, cls)
         return loader.load_preprocessor(cls, config_file, **kwargs)
 
-    def generate_preprocess(self, x, sequence_length=None):
-        sequence_length = sequence_length or self.sequence_length
-        self._check_prompts_fit(x, sequence_length)
-        return super().generate_preprocess(x, sequence_length=sequence_length)
+    def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True, **kwargs):
+        super().__init__(
+            tokenizer,
+            sequence_length=sequence_length,
+            add_start_token=add_start_token,
+            add_end_token=add_end_token,
+            **kwargs,
+        )
+        # Set for one call by `GemmaCausalLM.generate(truncate_prompt=...)`.
+        self.truncate_prompt = False
 
-    def _check_prompts_fit(self, x, sequence_length):
-        """Refuse, rather than silently truncate, prompts with no room left."""
+    @preprocessing_function
+    def generate_preprocess(self, x, sequence_length=None):
+        """Tokenizes and packs prompts for `generate`: `<bos>`, no `<eos>`,
+        right-padded to `sequence_length`.
+
+        A prompt that leaves no room for a new token is an error naming its
+        length, unless `truncate_prompt` is set: then its oldest tokens are
+        dropped to leave room for `sequence_length // 4` new tokens (at least
+        one), and `<bos>` is kept.
+        """
         if not self.built:
             self.build(None)
+        sequence_length = sequence_length or self.sequence_length
         token_ids = self.tokenizer(x)
         if hasattr(token_ids, "row_lengths"):  # a tf.RaggedTensor batch
             lengths = [int(n) for n in token_ids.row_lengths()]
@@ -73,10 +89,24 @@ class GemmaCausalLMPreprocessor(CausalLMPreprocessor):
             lengths = [int(token_ids.shape[0])]
         else:  # python lists from the SentencePiece fallback
             lengths = [len(row) for row in token_ids]
-        longest = max(lengths, default=0) + int(self.add_start_token)
+        start = int(self.add_start_token)
+        longest = max(lengths, default=0) + start
         if longest >= sequence_length:
-            raise ValueError(
-                f"A prompt is {longest} tokens long (with <bos>), which leaves no "
-                f"room to generate within max_length={sequence_length}. Pass a "
-                "larger `max_length` to `generate()`, or shorten the prompt."
-            )
+            if not self.truncate_prompt:
+                raise ValueError(
+                    f"A prompt is {longest} tokens long (with <bos>), which "
+                    f"leaves no room to generate within max_length={sequence_length}. "
+                    "Pass a larger `max_length`, shorten the prompt, or pass "
+                    "`truncate_prompt=True` to keep only its end."
+                )
+            keep = sequence_length - start - max(1, sequence_length // 4)
+            if isinstance(token_ids, list):
+                token_ids = [row[-keep:] for row in token_ids]
+            elif len(token_ids.shape) == 1:  # one prompt
+                token_ids = token_ids[-keep:]
+            else:
+                token_ids = token_ids[:, -keep:]
+        token_ids, padding_mask = self.packer(
+            token_ids, sequence_length=sequence_length, add_end_value=False
+        )
+        return {"token_ids": token_ids, "padding_mask": padding_mask}

@@ -28,8 +28,8 @@ def test_grouped_query_equals_multi_head_with_shared_heads():
     multi.query_dense.kernel.assign(grouped.query_dense.kernel)
     multi.output_dense.kernel.assign(grouped.output_dense.kernel)
     for name in ("key_dense", "value_dense"):
-        kernel = to_numpy(getattr(grouped, name).kernel)  # (2, hidden, head_dim)
-        getattr(multi, name).kernel.assign(np.repeat(kernel, 2, axis=0))
+        kernel = to_numpy(getattr(grouped, name).kernel)  # (hidden, 2, head_dim)
+        getattr(multi, name).kernel.assign(np.repeat(kernel, 2, axis=1))
     np.testing.assert_allclose(run(grouped, x), run(multi, x), atol=1e-5)
 
 

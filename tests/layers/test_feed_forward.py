@@ -17,7 +17,7 @@ def test_matches_transformers_gemma_mlp():
     with torch.no_grad():
         mlp.gate_proj.weight.copy_(torch.tensor(to_numpy(ffw.gate.kernel).T))
         mlp.up_proj.weight.copy_(torch.tensor(to_numpy(ffw.up.kernel).T))
-        mlp.down_proj.weight.copy_(torch.tensor(to_numpy(ffw.down.kernel).T))
+        mlp.down_proj.weight.copy_(torch.tensor(to_numpy(ffw.down.kernel)))
         expected = mlp(torch.tensor(x)).numpy()
     np.testing.assert_allclose(to_numpy(ffw(x)), expected, atol=1e-5, rtol=1e-5)
 
@@ -27,6 +27,6 @@ def test_branch_widths_are_half_of_intermediate_dim():
     ffw.build((None, None, 16))
     assert tuple(ffw.gate.kernel.shape) == (16, 32)
     assert tuple(ffw.up.kernel.shape) == (16, 32)
-    assert tuple(ffw.down.kernel.shape) == (32, 16)
+    assert tuple(ffw.down.kernel.shape) == (16, 32)
     with pytest.raises(ValueError, match="must be even"):
         GemmaFeedForward(hidden_dim=16, intermediate_dim=63)

@@ -80,8 +80,14 @@ def test_same_logits_as_keras_hub_gemma():
         by_path = {w.path: w for w in theirs.backbone.weights}
         assert len(by_path) == len(ours.backbone.weights)
         for w in ours.backbone.weights:
-            # keras_gemma groups the feed-forward kernels in one sub-layer.
-            w.assign(by_path[w.path.replace("feed_forward/", "")])
+            # keras_gemma groups the feed-forward kernels in one sub-layer and
+            # lays kernels out (inputs, outputs): see attention.py.
+            value = to_numpy(by_path[w.path.replace("feed_forward/", "")])
+            if w.path.endswith(("query/kernel", "key/kernel", "value/kernel")):
+                value = value.transpose(1, 0, 2)  # (heads, d, h) -> (d, heads, h)
+            if w.path.endswith("ffw_linear/kernel"):
+                value = value.T  # (f, d) -> (d, f)
+            w.assign(value)
         valid = INPUTS["padding_mask"].astype(bool)
         expected = to_numpy(theirs(INPUTS))[valid]
         np.testing.assert_allclose(to_numpy(ours(INPUTS))[valid], expected, atol=1e-4, rtol=1e-4)

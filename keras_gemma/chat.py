@@ -1,0 +1,135 @@
+"""Gemma's chat format: a conversation as the prompt the instruction-tuned checkpoints expect."""
+
+# Role names accepted for a turn, and the name written into the prompt.
+_TURN_ROLES = {"user": "user", "model": "model", "assistant": "model"}
+
+
+def format_chat(messages, add_generation_prompt=True):
+    """Render a conversation in Gemma's chat format, as a prompt string.
+
+    The output is what the chat templates of the instruction-tuned checkpoints
+    (Gemma 1, 2 and 3 `-it` on Hugging Face) render, without the leading
+    `<bos>`: the preprocessor adds that. Each turn is written as
+    `<start_of_turn>{role}\\n{content}<end_of_turn>\\n`, with `"assistant"`
+    written as `"model"` and the content trimmed of surrounding whitespace.
+
+    Gemma has no system turn. As in Gemma 3's template, a system message (only
+    allowed first) is folded into the first user turn: its text, as given (the
+    template does not trim it), then `"\\n\\n"`, then the trimmed user text.
+    Gemma 3's template silently drops a system message that no user message
+    follows; here that is an error instead.
+
+    Content may also be a list of parts `{"type": "text", "text": ...}`, as in
+    Gemma 3's template: the trimmed texts are joined. Other parts (images) are
+    rejected, as this is a text-only model. A system message given as parts
+    keeps all its text (Gemma 3's template keeps only the first part).
+
+    Args:
+        messages: list of dicts `{"role": ..., "content": ...}`, where the role
+            is `"user"`, `"model"` or `"assistant"` (or `"system"` for the
+            first message), and the content a string. After the optional
+            system message, roles must alternate, starting with `"user"`.
+        add_generation_prompt: if True, end with `<start_of_turn>model\\n`,
+            so the model writes the next turn.
+
+    Returns:
+        The prompt, a string.
+
+    Raises:
+        ValueError: for an empty list, an unknown role, a system message that
+            is not first or not followed by a user message, roles that do not
+            alternate user/model starting with user, or a non-text content part.
+        TypeError: for a message that is not a dict, or content that is not a
+            string or a list of parts.
+
+    Example:
+    ```python
+    from keras_gemma.chat import format_chat
+
+    prompt = format_chat([
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Knock knock."},
+        {"role": "assistant", "content": "Who's there?"},
+        {"role": "user", "content": "Gemma."},
+    ])
+    assert prompt == (
+        "<start_of_turn>user\\nAnswer in one word.\\n\\nKnock knock.<end_of_turn>\\n"
+        "<start_of_turn>model\\nWho's there?<end_of_turn>\\n"
+        "<start_of_turn>user\\nGemma.<end_of_turn>\\n"
+        "<start_of_turn>model\\n"
+    )
+    ```
+    """
+    messages = list(messages)
+    if not messages:
+        raise ValueError("`messages` is empty: a chat needs at least one user message.")
+    prefix, start = "", 0
+    if _role(messages[0], 0) == "system":
+        if len(messages) == 1:
+            raise ValueError(
+                "messages[0] is a system message with no user message after it; "
+                "Gemma folds the system text into the first user turn, so one must follow."
+            )
+        prefix, start = _text(messages[0], 0, trim=False) + "\n\n", 1
+
+    turns = []
+    for index in range(start, len(messages)):
+        role = _role(messages[index], index)
+        expected = "user" if (index - start) % 2 == 0 else "model"
+        if role == "system":
+            raise ValueError(f"messages[{index}] is a system message; only the first message may be one.")
+        if role != expected:
+            raise ValueError(
+                f"messages[{index}] has role {messages[index]['role']!r} where a {expected!r} turn was "
+                "expected: after an optional leading system message, roles must alternate "
+                "user/model, starting with user."
+            )
+        text = _text(messages[index], index)
+        if index == start:
+            text = prefix + text
+        turns.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
+    if add_generation_prompt:
+        turns.append("<start_of_turn>model\n")
+    return "".join(turns)
+
+
+def _role(message, index):
+    """The role written for `messages[index]` ("user", "model" or "system")."""
+    if not isinstance(message, dict):
+        raise TypeError(
+            f"messages[{index}] must be a dict with 'role' and 'content', got {type(message).__name__}."
+        )
+    role = message.get("role")
+    if role == "system":
+        return role
+    if not isinstance(role, str) or role not in _TURN_ROLES:
+        raise ValueError(
+            f"messages[{index}] has unknown role {role!r}; expected 'user', 'model', "
+            "'assistant', or 'system' for the first message."
+        )
+    return _TURN_ROLES[role]
+
+
+def _text(message, index, trim=True):
+    """The text of `messages[index]`: a string, or the joined text parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        parts = [content]
+    elif isinstance(content, (list, tuple)):
+        parts = []
+        for part in content:
+            is_text = isinstance(part, dict) and part.get("type") == "text"
+            if not (is_text and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(
+                    f"messages[{index}] has a content part of type {kind!r}; "
+                    "only text parts {'type': 'text', 'text': str} are supported."
+                )
+            parts.append(part["text"])
+    else:
+        raise TypeError(
+            f"messages[{index}]['content'] must be a string or a list of text parts, "
+            f"got {type(content).__name__}."
+        )
+    # jinja's `| trim` is str.strip(); the templates trim each text part.
+    return "".join(p.strip() for p in parts) if trim else "".join(parts)
