@@ -139,6 +139,7 @@ class GemmaAttention(keras.layers.Layer):
             dtype=policy,
             name="rope",
         )
+        self.rope.build((None, None, heads, head_dim))  # no weights; quantize() needs it built
         self.query_norm = self.key_norm = None
         if self.use_query_key_norm:
             self.query_norm = RMSNormalization(
