@@ -17,11 +17,11 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+from decode import timed  # the same warm-up + best-of-3 timing
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 32
-REPEATS = 3
 
 
 def prompt_ids(tokenizer_fn):
@@ -31,18 +31,6 @@ def prompt_ids(tokenizer_fn):
     )
     ids = [2] + tokenizer_fn(text)
     return (ids * 4)[:PROMPT_TOKENS]
-
-
-def timed(fn):
-    first_start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - first_start
-    best = float("inf")
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return first, best
 
 
 def gguf_path():

@@ -1,5 +1,6 @@
 """Gemma for causal language modelling: logits, generation, scoring."""
 
+import contextlib
 import functools
 import itertools
 
@@ -164,20 +165,28 @@ class GemmaCausalLM(CausalLM):
         gemma_lm.generate(long_document, max_length=2048, truncate_prompt=True)
         ```
         """
-        if truncate_prompt and self.preprocessor is None:
-            raise ValueError("truncate_prompt=True needs a preprocessor (string prompts).")
-        if self.preprocessor is not None:
-            self.preprocessor.truncate_prompt = truncate_prompt
-        try:
+        with self._prompt_truncation(truncate_prompt):
             return super().generate(
                 inputs,
                 max_length=max_length,
                 stop_token_ids=stop_token_ids,
                 strip_prompt=strip_prompt,
             )
+
+    @contextlib.contextmanager
+    def _prompt_truncation(self, truncate_prompt):
+        """Lets the preprocessor truncate prompts for one call (keras-hub's
+        `generate` calls `generate_preprocess` without extra arguments)."""
+        if not truncate_prompt:
+            yield
+            return
+        if self.preprocessor is None:
+            raise ValueError("truncate_prompt=True needs a preprocessor (string prompts).")
+        self.preprocessor.truncate_prompt = True
+        try:
+            yield
         finally:
-            if self.preprocessor is not None:
-                self.preprocessor.truncate_prompt = False
+            self.preprocessor.truncate_prompt = False
 
     def make_generate_function(self):
         """The compiled `generate_step`, with the prefill length as a static
@@ -366,11 +375,8 @@ class GemmaCausalLM(CausalLM):
         if stop_token_ids == "auto":
             stop_token_ids = [tokenizer.end_token_id]
         stop_token_ids = set(stop_token_ids or ())
-        self.preprocessor.truncate_prompt = truncate_prompt
-        try:
+        with self._prompt_truncation(truncate_prompt):
             x = self.preprocessor.generate_preprocess([prompt], sequence_length=max_length)
-        finally:
-            self.preprocessor.truncate_prompt = False
         token_ids = np.array(ops.convert_to_numpy(x["token_ids"]), dtype="int32")
         prompt_length = int(ops.convert_to_numpy(x["padding_mask"]).sum())
         max_length = token_ids.shape[1]

@@ -58,16 +58,8 @@ class GemmaCausalLMPreprocessor(CausalLMPreprocessor):
         check_preset_class(loader, cls)
         return loader.load_preprocessor(cls, config_file, **kwargs)
 
-    def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True, **kwargs):
-        super().__init__(
-            tokenizer,
-            sequence_length=sequence_length,
-            add_start_token=add_start_token,
-            add_end_token=add_end_token,
-            **kwargs,
-        )
-        # Set for one call by `GemmaCausalLM.generate(truncate_prompt=...)`.
-        self.truncate_prompt = False
+    # Set for one call by `GemmaCausalLM.generate(truncate_prompt=...)`.
+    truncate_prompt = False
 
     @preprocessing_function
     def generate_preprocess(self, x, sequence_length=None):
