@@ -13,6 +13,8 @@ from keras_hub.samplers import ContrastiveSampler
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.chat import format_chat
+from keras_gemma.layers.projection import cpu_matmul
+from keras_gemma.layers.projection import single_torch_thread
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 
@@ -230,7 +232,7 @@ class GemmaCausalLM(CausalLM):
             import torch
 
             def no_grad_fn(*args, **kwargs):
-                with torch.no_grad():
+                with torch.no_grad(), single_torch_thread():
                     return fn(*args, **kwargs)
 
             return no_grad_fn
@@ -538,26 +540,12 @@ def prefill_bucket(length, max_length, minimum=16):
 
 
 def tied_output_projection(embedding, hidden_states):
-    """`hidden_states @ embeddings.T`: `(b, t, d)` -> `(b, t, vocabulary_size)`."""
-    if keras.config.backend() == "torch":
-        import torch
-
-        # Speed: on CPU, torch's float32 matrix-vector product reads weights
-        # at about half the memory bandwidth (19-23 GB/s on the development
-        # machine, numpy's OpenBLAS 40 GB/s), and this product reads the whole
-        # 256k-row embedding for every new token: most of a decoding step.
-        # Outside autograd, on plain float32 CPU weights, use numpy's (views,
-        # no copies).
-        if (
-            not torch.is_grad_enabled()
-            and hidden_states.device.type == "cpu"
-            and hidden_states.dtype == torch.float32
-            and embedding.embeddings.dtype == "float32"
-            and embedding.quantization_mode is None
-            and not embedding.lora_enabled
-        ):
-            weights = embedding.embeddings.value.numpy()  # (vocabulary_size, d)
-            rows = hidden_states.numpy().reshape(-1, weights.shape[1])  # (b * t, d)
-            logits = torch.from_numpy(rows @ weights.T)  # (b * t, vocabulary_size)
-            return logits.reshape(*hidden_states.shape[:-1], weights.shape[0])
+    """`hidden_states @ embeddings.T`: `(b, t, d)` -> `(b, t, vocabulary_size)`.
+    Reads the whole 256k-row embedding for every new token, most of a
+    decoding step: on PyTorch it takes the same CPU shortcut as the layers'
+    projections (`cpu_matmul`)."""
+    if embedding.quantization_mode is None and not embedding.lora_enabled:
+        logits = cpu_matmul(hidden_states, embedding.embeddings, 1, False)
+        if logits is not None:
+            return logits
     return embedding(hidden_states, reverse=True)
