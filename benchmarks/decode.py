@@ -90,7 +90,7 @@ def weight_bytes(model):
     return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
 
 
-def worker(backend, quantized_only=False):
+def worker(backend, only=None):
     """All rows for one Keras backend (runs in its own process)."""
     os.environ["KERAS_BACKEND"] = backend
     import gc
@@ -116,7 +116,7 @@ def worker(backend, quantized_only=False):
         x = inputs(batch, PROMPT, new)
         return timed(lambda: model.generate(x, stop_token_ids=None), repeats)
 
-    for batch in () if quantized_only else (1, 8):
+    for batch in () if only == "quantized" else (1, 8):
         results = {name: [] for name in models}
         for _ in range(2):  # A B A B
             for name, model in models.items():
@@ -129,7 +129,7 @@ def worker(backend, quantized_only=False):
             best = min(b for _, b in runs)
             row(name, batch=batch, tokens_per_s=batch * NEW / best, first_call_s=first)
 
-    for name, model in {} if quantized_only else models.items():  # 512-token prefill
+    for name, model in {} if only == "quantized" else models.items():  # 512-token prefill
         x = inputs(1, 512, 1)
         first, best = timed(lambda: model.generate(x, stop_token_ids=None))
         row(name, batch=1, prefill_tokens_per_s=512 / best, prefill_first_call_s=first)
@@ -138,7 +138,7 @@ def worker(backend, quantized_only=False):
     row("keras_gemma", weight_gb=weights / 1e9)
     del models, hub, ours
     gc.collect()
-    for mode in ("int8", "int4"):
+    for mode in () if only == "float32" else ("int8", "int4"):
         try:
             lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**B2L), preprocessor=None)
             lm.quantize(mode)
@@ -239,13 +239,16 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--plot")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quantized-only", action="store_true", help="only the int8/int4 rows")
+    parser.add_argument(
+        "--only", choices=("float32", "quantized"),
+        help="only the float32 rows, or only the int8/int4 rows (the slow ones on CPU)",
+    )
     args = parser.parse_args()
     if args.worker:
         if args.worker == "transformers":
             rows = transformers_worker()
         else:
-            rows = worker(args.worker, args.quantized_only)
+            rows = worker(args.worker, args.only)
         print(json.dumps(rows))
         return
     rows = []
@@ -253,8 +256,8 @@ def main():
         print(f"running {name} ...", file=sys.stderr, flush=True)
         # The worker's stderr (one JSON line per finished row) streams through.
         command = [sys.executable, __file__, "--worker", name]
-        if args.quantized_only and name != "transformers":
-            command.append("--quantized-only")
+        if args.only and name != "transformers":
+            command += ["--only", args.only]
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         if done.returncode:
             sys.exit(f"{name} failed (exit code {done.returncode}); its output is above.")
