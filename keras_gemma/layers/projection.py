@@ -33,6 +33,12 @@ class Projection(keras.layers.EinsumDense):
         super().build(input_shape)
         self._matmul_plan = _matmul_plan(self.equation)
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        # EinsumDense refuses to quantize its subclasses unless told; only
+        # `call`'s PyTorch shortcut differs here, and it steps aside for
+        # quantized kernels, so EinsumDense's quantization holds as it is.
+        super().quantize(mode, type_check=False, config=config)
+
     def call(self, inputs, training=None):
         if (
             self._matmul_plan is not None

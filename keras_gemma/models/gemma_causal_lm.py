@@ -7,6 +7,7 @@ import itertools
 import keras
 import numpy as np
 from keras import ops
+from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.models import CausalLM
 from keras_hub.samplers import BeamSampler
 from keras_hub.samplers import ContrastiveSampler
@@ -111,6 +112,19 @@ class GemmaCausalLM(CausalLM):
             sampler=sampler,
             **kwargs,
         )
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize` over the network, skipping the
+        preprocessor: Keras would visit its tokenizer, an unbuilt layer
+        without weights, and refuse the whole model."""
+        skip = set()
+        if self.preprocessor is not None:
+            skip = {id(layer) for layer in self.preprocessor._flatten_layers()}
+
+        def network_only(layer):
+            return id(layer) not in skip and should_quantize_layer(layer, filters)
+
+        super().quantize(mode, config=config, filters=network_only, **kwargs)
 
     def compile_from_config(self, config):
         # Restores the saved optimizer, loss and metrics when a `.keras` file is

@@ -234,3 +234,24 @@ def test_saved_under_another_backend_loads_here(tmp_path):
         keras.saving.load_model(files["keras_file"]),
     ):
         np.testing.assert_allclose(to_numpy(model(ragged_inputs())), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, fraction", [("int8", 0.55), ("int4", 0.4)])
+def test_quantized_weights_are_smaller_and_close(tokenizer, mode, fraction):
+    lm = make_lm(keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=16))
+
+    def weight_bytes():
+        return sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in lm.weights)
+
+    float_bytes, expected = weight_bytes(), to_numpy(lm(ragged_inputs()))
+    lm.quantize(mode)  # with a preprocessor attached
+    projections = [
+        layer for layer in lm.backbone._flatten_layers() if isinstance(layer, keras.layers.EinsumDense)
+    ]
+    assert projections and all(layer.quantization_mode == mode for layer in projections)
+    assert weight_bytes() <= fraction * float_bytes
+    logits = to_numpy(lm(ragged_inputs()))
+    # int4 of a tiny random network is coarse: it must still track the logits.
+    correlation = np.corrcoef(logits.ravel(), expected.ravel())[0, 1]
+    assert correlation > (0.995 if mode == "int8" else 0.8), correlation
+    assert isinstance(lm.generate("The quick", max_length=10), str)
