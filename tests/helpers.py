@@ -205,3 +205,30 @@ def write_gemma3_gguf(path, model, quantization, spm_proto=None):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def value_and_grads(fn, *arrays):
+    """`fn(*tensors)` (a scalar) and its gradients with respect to each
+    float array, by the backend's own automatic differentiation."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        value, grads = jax.value_and_grad(fn, argnums=tuple(range(len(arrays))))(*arrays)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.constant(a) for a in arrays]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            value = fn(*tensors)
+        grads = tape.gradient(value, tensors)
+    else:
+        import torch
+
+        tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+        value = fn(*tensors)
+        grads = torch.autograd.grad(value, tensors)
+    return to_numpy(value), [to_numpy(g) for g in grads]

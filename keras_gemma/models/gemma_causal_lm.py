@@ -7,6 +7,7 @@ import itertools
 import keras
 import numpy as np
 from keras import ops
+from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.models import CausalLM
 from keras_hub.samplers import BeamSampler
@@ -16,6 +17,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 from keras_gemma.chat import format_chat
 from keras_gemma.layers.projection import cpu_matmul
 from keras_gemma.layers.projection import single_torch_thread
+from keras_gemma.models.cross_entropy import chunked_cross_entropy
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 
@@ -112,6 +114,81 @@ class GemmaCausalLM(CausalLM):
             sampler=sampler,
             **kwargs,
         )
+
+    def call(self, inputs, training=None, mask=None):
+        # In fit, a loss that chunked_cross_entropy can compute gets the final
+        # hidden states instead of logits (see compute_loss).
+        self._hidden_states_for_loss = bool(training) and self._chunked_loss_applies()
+        if self._hidden_states_for_loss:
+            return self.backbone(inputs, training=training)
+        return super().call(inputs, training=training, mask=mask)
+
+    def _chunked_loss_applies(self):
+        """Whether the compiled loss and metrics are the default kind: sparse
+        cross-entropy from logits (no ignore_class, a sum or mean reduction)
+        and only weighted sparse categorical accuracy. Anything else trains
+        from full logits, as keras-hub does."""
+        loss = getattr(self, "loss", None)
+        if not (
+            isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
+            and loss.from_logits
+            and loss.ignore_class is None
+            and loss.reduction in ("sum_over_batch_size", "sum")
+            and getattr(self._compile_loss, "_user_loss_weights", None) is None
+        ):
+            return False
+        metrics = self._compile_metrics
+        if metrics is None:
+            return True
+        if metrics._user_metrics:  # unweighted metrics count padding too
+            return False
+        return all(
+            isinstance(m, keras.metrics.SparseCategoricalAccuracy)
+            or m == "sparse_categorical_accuracy"
+            for m in keras.tree.flatten(metrics._user_weighted_metrics or [])
+        )
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The compiled loss. In fit, with the default loss and metrics, the
+        cross-entropy and accuracy come from the final hidden states in chunks
+        of tokens (`chunked_cross_entropy`): float32 logits never exist for
+        every token at once. The result equals the plain computation."""
+        if not getattr(self, "_hidden_states_for_loss", False):
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        embedding = self.backbone.token_embedding
+        if sample_weight is None:
+            sample_weight = ops.ones(ops.shape(y), "float32")
+        totals = chunked_cross_entropy(
+            y_pred,
+            embedding.embeddings,
+            y,
+            sample_weight,
+            soft_cap=self.backbone.final_logit_soft_cap,
+            train_embeddings=embedding.trainable and embedding.embeddings.trainable,
+        )
+        loss = totals[0]
+        if self.loss.reduction == "sum_over_batch_size":
+            loss = scale_loss_for_distribution(loss / ops.cast(ops.size(y), "float32"))
+        weight_sum = ops.sum(ops.cast(sample_weight, "float32"))
+        if self._compile_metrics is not None:
+            if not self._compile_metrics.built:  # TensorFlow builds them here
+                logits_spec = keras.KerasTensor(
+                    tuple(y.shape) + (embedding.input_dim,), dtype="float32"
+                )
+                self._compile_metrics.build(y, logits_spec)
+            for metric in self._compile_metrics.metrics:
+                # What the metric's own update computes from full logits.
+                keras.metrics.Mean.update_state(
+                    metric, ops.divide_no_nan(totals[1], weight_sum), sample_weight=weight_sum
+                )
+        losses = [loss] + [self._aggregate_additional_loss(extra) for extra in self.losses]
+        return losses[0] if len(losses) == 1 else ops.sum(losses)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if getattr(self, "_hidden_states_for_loss", False):
+            # compute_loss has updated the accuracy from the same logits.
+            return self.get_metrics_result()
+        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """`keras.Model.quantize` over the network, skipping the

@@ -1,0 +1,155 @@
+"""Next-token cross-entropy over a tied 256k vocabulary, in chunks of tokens.
+
+The plain loss computes float32 logits for every token at once and keeps them
+(and their gradient) for the backward pass: `tokens x vocabulary x 4` bytes,
+8 GB for 2048 tokens of Gemma's 256k vocabulary. Here logits exist for one
+chunk of tokens at a time, and the gradient with respect to the hidden states
+(and, when it trains, the embedding) is computed in the same pass, so the
+backward pass only scales it: the same matrix products as the plain
+computation, a fraction of the memory.
+"""
+
+import keras
+from keras import ops
+
+# Logits per chunk: chunk x vocabulary float32 values (128 MB; a chunk's
+# softmax, one-hot and gradient take a few times that).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def chunked_cross_entropy(
+    hidden_states,
+    embeddings,
+    labels,
+    sample_weight,
+    soft_cap=None,
+    train_embeddings=True,
+    chunk_size=None,
+):
+    """Weighted next-token cross-entropy and accuracy of tied-embedding logits.
+
+    Args:
+        hidden_states: `(batch, seq, hidden)` final hidden states.
+        embeddings: `(vocabulary, hidden)` token embeddings; the logits are
+            `hidden_states @ embeddings.T`, in float32.
+        labels: int `(batch, seq)` target token ids.
+        sample_weight: `(batch, seq)` weights (for example the padding mask).
+        soft_cap: float or None. Final logit soft cap (`cap * tanh(x / cap)`).
+        train_embeddings: bool. Whether to return a gradient for `embeddings`
+            (full fine-tuning); without it the embedding is a constant here.
+        chunk_size: most tokens per chunk; by default about 2**25 logits per
+            chunk. With a static token count the chunks are balanced, so
+            little padding is computed.
+
+    Returns:
+        float32 `(2,)`: the weighted sum of per-token losses and the weighted
+        number of tokens whose argmax is the label. Differentiable in its
+        first entry with respect to `hidden_states` (and `embeddings`).
+    """
+    # A tensor, not a variable: custom gradients differentiate arguments.
+    embeddings = ops.convert_to_tensor(embeddings)
+    vocabulary, hidden = embeddings.shape
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // vocabulary)
+    dtype = hidden_states.dtype
+    flat_labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+    flat_weights = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+    tokens = flat_labels.shape[0]  # None when only known at run time
+    if tokens is not None:
+        chunks = max(1, -(-tokens // chunk_size))
+        chunk_size = max(1, -(-tokens // chunks))
+    else:
+        tokens = ops.shape(flat_labels)[0]
+        chunks = (tokens + chunk_size - 1) // chunk_size
+    pad = chunks * chunk_size - tokens
+
+    def chunk_pass(flat_hidden, table):
+        """Loss, correct count, and the gradients, one chunk at a time. The
+        products run in the compute dtype of `hidden_states`, as the plain
+        logits do; logits, softmax and sums are float32."""
+        table = ops.cast(table, dtype)
+        rows = ops.pad(flat_hidden, [[0, pad], [0, 0]])
+        targets = ops.pad(flat_labels, [[0, pad]])
+        weights = ops.pad(flat_weights, [[0, pad]])
+
+        def body(i, state):
+            totals, row_grads, table_grad = state
+            start = i * chunk_size
+            x = ops.slice(rows, (start, 0), (chunk_size, hidden))
+            y = ops.slice(targets, (start,), (chunk_size,))
+            w = ops.slice(weights, (start,), (chunk_size,))
+            logits = ops.cast(ops.matmul(x, ops.transpose(table)), "float32")  # (c, vocabulary)
+            if soft_cap is not None:
+                squashed = ops.tanh(logits / soft_cap)
+                logits = squashed * soft_cap
+            log_norm = ops.logsumexp(logits, axis=-1)  # (c,)
+            one_hot = ops.one_hot(y, vocabulary, dtype="float32")
+            label_logits = ops.sum(logits * one_hot, axis=-1)
+            correct = ops.cast(ops.equal(ops.argmax(logits, axis=-1), y), "float32")
+            totals = totals + ops.stack(
+                [ops.sum(w * (log_norm - label_logits)), ops.sum(w * correct)]
+            )
+            # d(sum of w * loss) / d logits = w * (softmax - one_hot).
+            logit_grad = (ops.exp(logits - log_norm[:, None]) - one_hot) * w[:, None]
+            if soft_cap is not None:
+                logit_grad = logit_grad * (1.0 - squashed * squashed)
+            logit_grad = ops.cast(logit_grad, dtype)
+            row_grads = ops.slice_update(
+                row_grads, (start, 0), ops.cast(ops.matmul(logit_grad, table), "float32")
+            )
+            if train_embeddings:
+                table_grad = table_grad + ops.cast(
+                    ops.matmul(ops.transpose(logit_grad), x), "float32"
+                )
+            return totals, row_grads, table_grad
+
+        state = (
+            ops.zeros((2,), "float32"),
+            ops.zeros(ops.shape(rows), "float32"),
+            ops.zeros((vocabulary, hidden), "float32") if train_embeddings else ops.zeros(()),
+        )
+        totals, row_grads, table_grad = ops.fori_loop(0, chunks, body, state)
+        return totals, row_grads[:tokens], table_grad
+
+    flat_hidden = ops.reshape(hidden_states, (-1, hidden))
+
+    if train_embeddings:
+
+        @ops.custom_gradient
+        def loss_and_accuracy(flat_hidden, table):
+            totals, row_grads, table_grad = chunk_pass(flat_hidden, table)
+
+            def grad(*args, upstream=None):
+                upstream = args[0] if upstream is None else upstream
+                scale = upstream[0]
+                return (
+                    ops.cast(row_grads * scale, dtype),
+                    ops.cast(table_grad * scale, table.dtype),
+                )
+
+            return totals, grad
+
+        return loss_and_accuracy(flat_hidden, embeddings)
+
+    table = ops.stop_gradient(embeddings)  # a constant here (a read, not a variable)
+
+    @ops.custom_gradient
+    def loss_and_accuracy(flat_hidden):
+        totals, row_grads, _ = chunk_pass(flat_hidden, table)
+
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream
+            return ops.cast(row_grads * upstream[0], dtype)
+
+        return totals, grad
+
+    return loss_and_accuracy(flat_hidden)
+
+
+def plain_cross_entropy(logits, labels, sample_weight):
+    """The reference: `(2,)` weighted loss sum and weighted correct count from
+    full logits (what `chunked_cross_entropy` must equal)."""
+    losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    weights = ops.cast(sample_weight, "float32")
+    correct = ops.cast(ops.equal(ops.argmax(logits, axis=-1), ops.cast(labels, "int32")), "float32")
+    return ops.stack([ops.sum(losses * weights), ops.sum(correct * weights)])

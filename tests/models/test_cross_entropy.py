@@ -1,0 +1,72 @@
+"""The chunked loss against the plain one: values and gradients (the plain
+gradients come from the backend's automatic differentiation)."""
+
+import numpy as np
+import pytest
+from helpers import to_numpy
+from helpers import value_and_grads
+from keras import ops
+
+from keras_gemma.models.cross_entropy import chunked_cross_entropy
+from keras_gemma.models.cross_entropy import plain_cross_entropy
+
+
+def _problem(seed=0, batch=2, seq=7, hidden=8, vocabulary=23):
+    rng = np.random.default_rng(seed)
+    hidden_states = rng.normal(size=(batch, seq, hidden)).astype("float32")
+    embeddings = rng.normal(size=(vocabulary, hidden)).astype("float32")
+    labels = rng.integers(0, vocabulary, size=(batch, seq)).astype("int32")
+    weights = (rng.random((batch, seq)) > 0.3).astype("float32")
+    return hidden_states, embeddings, labels, weights
+
+
+def _plain(hidden_states, embeddings, labels, weights, soft_cap):
+    logits = ops.einsum("btd,vd->btv", hidden_states, embeddings)
+    if soft_cap is not None:
+        logits = ops.tanh(logits / soft_cap) * soft_cap
+    return plain_cross_entropy(logits, labels, weights)
+
+
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 14, 100])
+def test_values_and_gradients_equal_the_plain_loss(soft_cap, chunk_size):
+    hidden_states, embeddings, labels, weights = _problem()
+    # Confident predictions somewhere, so the accuracy count is not trivially 0.
+    hidden_states[0, :3] = embeddings[labels[0, :3]] * 3
+
+    def chunked(h, e):
+        return chunked_cross_entropy(h, e, labels, weights, soft_cap, chunk_size=chunk_size)[0]
+
+    def plain(h, e):
+        return _plain(h, e, labels, weights, soft_cap)[0]
+
+    totals = to_numpy(
+        chunked_cross_entropy(hidden_states, embeddings, labels, weights, soft_cap, chunk_size=chunk_size)
+    )
+    expected = to_numpy(_plain(hidden_states, embeddings, labels, weights, soft_cap))
+    np.testing.assert_allclose(totals, expected, rtol=1e-5, atol=1e-5)
+    assert expected[1] >= 3  # the accuracy count is exercised
+
+    value, (grad_h, grad_e) = value_and_grads(chunked, hidden_states, embeddings)
+    plain_value, (plain_h, plain_e) = value_and_grads(plain, hidden_states, embeddings)
+    np.testing.assert_allclose(value, plain_value, rtol=1e-5)
+    np.testing.assert_allclose(grad_h, plain_h, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grad_e, plain_e, rtol=1e-4, atol=1e-5)
+    assert np.abs(plain_h).max() > 1e-3 and np.abs(plain_e).max() > 1e-3
+
+
+def test_frozen_embeddings_give_the_same_hidden_gradient():
+    hidden_states, embeddings, labels, weights = _problem(seed=1)
+
+    def chunked(h):
+        return chunked_cross_entropy(
+            h, embeddings, labels, weights, train_embeddings=False, chunk_size=4
+        )[0] * 0.5
+
+    def plain(h):
+        return _plain(h, embeddings, labels, weights, None)[0] * 0.5
+
+    value, (grad,) = value_and_grads(chunked, hidden_states)
+    plain_value, (plain_grad,) = value_and_grads(plain, hidden_states)
+    np.testing.assert_allclose(value, plain_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, plain_grad, rtol=1e-4, atol=1e-6)

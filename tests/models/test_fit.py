@@ -1,0 +1,80 @@
+"""Fine-tuning with `fit`: input kinds, and the chunked loss against the plain
+full-logits loss on the same weights."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import TINY
+from helpers import to_numpy
+
+import keras_gemma
+
+TEXTS = ["The quick brown fox jumps.", "Keras runs on JAX.", "Gemma is open.", "Knock knock."]
+
+
+def _lm(tokenizer, seed=0, **config):
+    """A tiny model whose weights depend only on `seed` and the config."""
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=12)
+    lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(**{**TINY, **config}), preprocessor=preprocessor
+    )
+    rng = np.random.default_rng(seed)
+    for v in lm.weights:
+        v.assign(rng.normal(scale=0.2, size=v.shape).astype("float32"))
+    return lm
+
+
+def _train(lm, chunked, texts=TEXTS, epochs=2, **compile_kwargs):
+    lm.compile(optimizer=keras.optimizers.SGD(0.5), **compile_kwargs)
+    if not chunked:
+        lm._chunked_loss_applies = lambda: False
+    history = lm.fit(texts, batch_size=2, epochs=epochs, shuffle=False, verbose=0)
+    used = lm._hidden_states_for_loss
+    return history.history, [to_numpy(w) for w in lm.trainable_weights], used
+
+
+@pytest.mark.parametrize("config", [{}, {"final_logit_soft_cap": 3.0}], ids=["plain", "soft_cap"])
+def test_chunked_loss_trains_exactly_like_full_logits(tokenizer, config):
+    chunked, chunked_weights, used = _train(_lm(tokenizer, **config), chunked=True)
+    plain, plain_weights, plain_used = _train(_lm(tokenizer, **config), chunked=False)
+    assert used and not plain_used
+    assert set(chunked) == {"loss", "sparse_categorical_accuracy"}
+    for name in chunked:
+        np.testing.assert_allclose(chunked[name], plain[name], rtol=1e-5, atol=1e-6)
+    assert chunked["loss"][-1] < chunked["loss"][0]
+    for a, b in zip(chunked_weights, plain_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_other_losses_and_metrics_train_from_full_logits(tokenizer):
+    lm = _lm(tokenizer)
+    _, _, used = _train(
+        lm, chunked=True, epochs=1,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+    )
+    assert not used
+    lm = _lm(tokenizer)
+    _, _, used = _train(lm, chunked=True, epochs=1, weighted_metrics=["sparse_top_k_categorical_accuracy"])
+    assert not used
+    lm = _lm(tokenizer)
+    _, _, used = _train(lm, chunked=True, epochs=1, weighted_metrics=[])
+    assert used
+
+
+def test_fit_takes_strings_lists_datasets_and_tensors(tokenizer):
+    lm = _lm(tokenizer)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    # A list of strings, a numpy array of strings, a tf.data dataset of strings.
+    lm.fit(TEXTS, batch_size=2, epochs=1, verbose=0)
+    lm.fit(np.array(TEXTS), batch_size=2, epochs=1, verbose=0)
+    lm.fit(tf.data.Dataset.from_tensor_slices(TEXTS).batch(2), epochs=1, verbose=0)
+    # Preprocessed tensors (x, y, sample_weight), without a preprocessor.
+    x, y, sample_weight = lm.preprocessor(TEXTS)
+    x = {k: to_numpy(v) for k, v in x.items()}
+    y, sample_weight = to_numpy(y), to_numpy(sample_weight)
+    bare = keras_gemma.GemmaCausalLM(lm.backbone, preprocessor=None)
+    bare.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = bare.fit(x, y, sample_weight=sample_weight, batch_size=2, epochs=8, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.7 * losses[0], losses
