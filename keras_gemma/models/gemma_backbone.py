@@ -9,6 +9,7 @@ from keras_hub.models import Backbone
 from keras_gemma.layers.attention import causal_attention_mask
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.rms_normalization import RMSNormalization
+from keras_gemma.models import lora
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -209,6 +210,49 @@ class GemmaBackbone(Backbone):
         self.sliding_window_size = sliding_window_size
         self.layer_types = layer_types
         self.dropout = dropout
+
+    def default_lora_layer_names(self):
+        """LoRA targets of `enable_lora()` by default: query and value."""
+        return list(lora.DEFAULT_LORA_TARGETS)
+
+    def enable_lora(self, rank, alpha=None, target_layer_names=None):
+        """Freezes the backbone and adds trainable LoRA adapters.
+
+        Each target projection learns a rank-`rank` update of its frozen
+        kernel, scaled by `alpha / rank` (Keras' `EinsumDense.enable_lora`).
+
+        Args:
+            rank: int. Rank of every adapter.
+            alpha: float or None. Scale numerator; `None` means `rank`
+                (scale 1).
+            target_layer_names: names of the projections to adapt, among
+                "query", "key", "value", "attention_output", "ffw_gating",
+                "ffw_gating_2" and "ffw_linear"; default query and value.
+
+        Example:
+        ```python
+        backbone.enable_lora(4, alpha=8, target_layer_names=["query", "value", "ffw_linear"])
+        ```
+        """
+        lora.enable_lora(self, rank, alpha=alpha, target_layer_names=target_layer_names)
+
+    def save_lora_weights(self, filepath):
+        """Writes the adapters (with rank, alpha and targets) to a
+        safetensors file, for example `"adapter.lora.safetensors"`."""
+        lora.save_lora_weights(self, filepath)
+
+    def load_lora_weights(self, filepath):
+        """Loads adapters written by `save_lora_weights`, under any backend.
+        Enables LoRA with the file's rank, alpha and targets if it is not
+        enabled; otherwise they must match. Any mismatch is an error and
+        nothing is assigned."""
+        lora.load_lora_weights(self, filepath)
+
+    def merge_lora_weights(self):
+        """Adds each adapter into its kernel (`kernel + alpha / rank * a @ b`)
+        and removes the adapters: the backbone is then a plain one, for export
+        or faster inference."""
+        lora.merge_lora_weights(self)
 
     def embed(self, token_ids):
         """Token embeddings times `sqrt(hidden_dim)` in the compute dtype."""
