@@ -72,43 +72,71 @@ def chunked_cross_entropy(
         targets = ops.pad(flat_labels, [[0, pad]])
         weights = ops.pad(flat_weights, [[0, pad]])
 
-        def body(i, state):
-            totals, row_grads, table_grad = state
-            start = i * chunk_size
+        def chunk(start, totals, table_grad, after=None):
             x = ops.slice(rows, (start, 0), (chunk_size, hidden))
+            if after is not None:
+                x = ops.where(after, x, ops.zeros_like(x))
             y = ops.slice(targets, (start,), (chunk_size,))
             w = ops.slice(weights, (start,), (chunk_size,))
             logits = ops.cast(ops.matmul(x, ops.transpose(table)), "float32")  # (c, vocabulary)
             if soft_cap is not None:
                 squashed = ops.tanh(logits / soft_cap)
                 logits = squashed * soft_cap
-            log_norm = ops.logsumexp(logits, axis=-1)  # (c,)
-            one_hot = ops.one_hot(y, vocabulary, dtype="float32")
-            label_logits = ops.sum(logits * one_hot, axis=-1)
+            # Few passes over the (c, vocabulary) block: one exponential
+            # serves the log-normaliser and the softmax.
+            row_max = ops.max(logits, axis=-1)  # (c,)
+            exp = ops.exp(logits - row_max[:, None])
+            total = ops.sum(exp, axis=-1)  # (c,)
+            log_norm = row_max + ops.log(total)
+            label_logits = ops.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
             correct = ops.cast(ops.equal(ops.argmax(logits, axis=-1), y), "float32")
             totals = totals + ops.stack(
                 [ops.sum(w * (log_norm - label_logits)), ops.sum(w * correct)]
             )
             # d(sum of w * loss) / d logits = w * (softmax - one_hot).
-            logit_grad = (ops.exp(logits - log_norm[:, None]) - one_hot) * w[:, None]
+            is_label = ops.equal(ops.arange(vocabulary, dtype="int32")[None, :], y[:, None])
+            softmax = exp * (1.0 / total)[:, None]
+            logit_grad = ops.where(is_label, softmax - 1.0, softmax) * w[:, None]
             if soft_cap is not None:
                 logit_grad = logit_grad * (1.0 - squashed * squashed)
             logit_grad = ops.cast(logit_grad, dtype)
-            row_grads = ops.slice_update(
-                row_grads, (start, 0), ops.cast(ops.matmul(logit_grad, table), "float32")
-            )
+            row_grad = ops.cast(ops.matmul(logit_grad, table), "float32")  # (c, hidden)
             if train_embeddings:
                 table_grad = table_grad + ops.cast(
                     ops.matmul(ops.transpose(logit_grad), x), "float32"
                 )
-            return totals, row_grads, table_grad
+            return totals, row_grad, table_grad
 
-        state = (
-            ops.zeros((2,), "float32"),
-            ops.zeros(ops.shape(rows), "float32"),
-            ops.zeros((vocabulary, hidden), "float32") if train_embeddings else ops.zeros(()),
-        )
-        totals, row_grads, table_grad = ops.fori_loop(0, chunks, body, state)
+        totals = ops.zeros((2,), "float32")
+        table_grad = ops.zeros((vocabulary, hidden), "float32") if train_embeddings else None
+        if isinstance(chunks, int):
+            # A static number of chunks (always on JAX): a Python loop. In an
+            # XLA while loop the embedding would be loop state, and since the
+            # train step also returns it (donated, aliased), XLA copies it
+            # into the loop: 2 GB more for Gemma's 256k x 2048 table.
+            # Each chunk's input waits for the previous chunk's results (a
+            # select that never changes a value), so XLA runs the chunks one
+            # after another instead of holding all their logits at once.
+            row_grads = []
+            for i in range(chunks):
+                after = None
+                if row_grads:
+                    after = ops.logical_and(totals[0] > -1.0, row_grads[-1][0, 0] > -1e30)
+                totals, row_grad, table_grad = chunk(i * chunk_size, totals, table_grad, after)
+                row_grads.append(row_grad)
+            row_grads = ops.concatenate(row_grads, axis=0) if chunks > 1 else row_grads[0]
+        else:  # TensorFlow with a token count known only at run time
+
+            def body(i, state):
+                totals, row_grads, table_grad = state
+                totals, row_grad, table_grad = chunk(i * chunk_size, totals, table_grad)
+                row_grads = ops.slice_update(row_grads, (i * chunk_size, 0), row_grad)
+                return totals, row_grads, table_grad
+
+            state = (totals, ops.zeros(ops.shape(rows), "float32"), table_grad)
+            if table_grad is None:
+                state = state[:2] + (ops.zeros(()),)
+            totals, row_grads, table_grad = ops.fori_loop(0, chunks, body, state)
         return totals, row_grads[:tokens], table_grad
 
     flat_hidden = ops.reshape(hidden_states, (-1, hidden))
