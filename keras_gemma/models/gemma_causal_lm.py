@@ -98,6 +98,38 @@ class GemmaCausalLM(CausalLM):
             logits = ops.tanh(logits / cap) * cap
         return logits
 
+    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """`keras.Model.fit`, with the preprocessor's inputs (strings, lists
+        of strings, `tf.data`) or preprocessed tensors, as in keras-hub.
+
+        Chat fine-tuning: given conversations (a list of `{"role",
+        "content"}` message lists), the preprocessor's
+        `preprocess_conversations` formats them with `format_chat` and puts
+        the loss only on the model's replies, their `<end_of_turn>` included.
+
+        Example:
+        ```python
+        chats = [[
+            {"role": "user", "content": "Name a primary color."},
+            {"role": "model", "content": "Red."},
+        ]]
+        gemma_lm.fit(chats, batch_size=1, epochs=3)
+        ```
+        """
+        if _is_conversations(x):
+            if self.preprocessor is None:
+                raise ValueError("Fitting on conversations needs a preprocessor (a tokenizer).")
+            if y is not None or sample_weight is not None:
+                raise ValueError(
+                    "Conversations carry their own targets: pass no `y` or `sample_weight`."
+                )
+            x, y, sample_weight = self.preprocessor.preprocess_conversations(x)
+            # Already packed: skip the string pipeline of keras-hub's fit.
+            return keras.Model.fit(
+                self, x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
+            )
+        return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
     def compile(
         self,
         optimizer="auto",
@@ -619,6 +651,16 @@ class GemmaCausalLM(CausalLM):
             from_logits=True, reduction="none"
         )
         return loss_fn(target_ids, logits)
+
+
+def _is_conversations(x):
+    """A list of message lists (or one message list) for chat fine-tuning."""
+    if not isinstance(x, (list, tuple)) or not x:
+        return False
+    first = x[0]
+    if isinstance(first, dict):
+        return "role" in first
+    return isinstance(first, (list, tuple)) and bool(first) and isinstance(first[0], dict)
 
 
 def prefill_bucket(length, max_length, minimum=16):

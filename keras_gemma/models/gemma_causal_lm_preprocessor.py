@@ -102,3 +102,109 @@ class GemmaCausalLMPreprocessor(CausalLMPreprocessor):
             token_ids, sequence_length=sequence_length, add_end_value=False
         )
         return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def preprocess_conversations(self, conversations, sequence_length=None, truncate=False):
+        """Chat fine-tuning data: the loss only on the model's replies.
+
+        Each conversation is rendered with `keras_gemma.format_chat` (no
+        generation prompt), tokenized with `<bos>` in front and padded to
+        `sequence_length + 1`. `sample_weight` is 1 exactly where the label
+        `y` is a token of a model reply, its closing `<end_of_turn>`
+        included, and 0 on `<bos>`, the turn markers, the user's and system
+        text and padding. (A token that straddles the start of a reply, should
+        the vocabulary merge it with the template's newline, counts as reply.)
+
+        Args:
+            conversations: one conversation (a list of `{"role", "content"}`
+                messages, as `format_chat` takes) or a list of them.
+            sequence_length: int. Length of the packed `x`; default
+                `self.sequence_length`.
+            truncate: bool. A conversation longer than `sequence_length + 1`
+                tokens is an error naming it; with `truncate=True` its end is
+                cut instead.
+
+        Returns:
+            `(x, y, sample_weight)` numpy arrays: `x = {"token_ids",
+            "padding_mask"}` `(batch, sequence_length)`, `y` and
+            `sample_weight` `(batch, sequence_length)`. `GemmaCausalLM.fit`
+            calls this for conversations.
+
+        Example:
+        ```python
+        chats = [[
+            {"role": "user", "content": "What is Keras?"},
+            {"role": "model", "content": "A deep learning library."},
+        ]]
+        x, y, sample_weight = preprocessor.preprocess_conversations(chats)
+        ```
+        """
+        import numpy as np
+
+        from keras_gemma.chat import format_chat
+
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        length = (sequence_length or self.sequence_length) + 1
+        processor = self.tokenizer.sentencepiece_processor()
+        pad = self.tokenizer.pad_token_id
+        token_ids = np.full((len(conversations), length), pad, "int32")
+        reply_mask = np.zeros((len(conversations), length), bool)
+        padding_mask = np.zeros((len(conversations), length), bool)
+        for row, messages in enumerate(conversations):
+            text, spans = _render_with_reply_spans(messages, format_chat)
+            ids, is_reply = _tokenize_with_spans(processor, text, spans)
+            if self.add_start_token:
+                ids, is_reply = [self.tokenizer.start_token_id] + ids, [False] + is_reply
+            if len(ids) > length:
+                if not truncate:
+                    raise ValueError(
+                        f"Conversation {row} is {len(ids)} tokens long (with <bos>), more "
+                        f"than sequence_length + 1 = {length}. Raise sequence_length, "
+                        "shorten it, or pass truncate=True to cut its end."
+                    )
+                ids, is_reply = ids[:length], is_reply[:length]
+            token_ids[row, : len(ids)] = ids
+            reply_mask[row, : len(ids)] = is_reply
+            padding_mask[row, : len(ids)] = True
+        x = {"token_ids": token_ids[:, :-1], "padding_mask": padding_mask[:, :-1]}
+        return x, token_ids[:, 1:], reply_mask[:, 1:].astype("float32")
+
+
+def _render_with_reply_spans(messages, format_chat):
+    """The rendered conversation and the character spans of each model reply
+    with its `<end_of_turn>` (the newline after it belongs to the template).
+    The spans come from rendering each prefix with `format_chat` itself."""
+    text = format_chat(messages, add_generation_prompt=False)
+    spans = []
+    for k, message in enumerate(messages):
+        if message.get("role") not in ("model", "assistant"):
+            continue
+        before = format_chat(messages[:k], add_generation_prompt=True)
+        through = format_chat(messages[: k + 1], add_generation_prompt=False)
+        # through = before + reply + "<end_of_turn>\n"
+        assert text.startswith(through) and through.startswith(before), "format_chat changed"
+        spans.append((len(before), len(through) - 1))
+    return text, spans
+
+
+def _tokenize_with_spans(processor, text, spans):
+    """Token ids of `text`, and whether each token overlaps one of the
+    character `spans`."""
+    try:
+        pieces = processor.encode(text, return_type="proto").pieces  # sentencepiece >= 0.2.1
+    except TypeError:
+        pieces = processor.encode(text, out_type="immutable_proto").pieces
+    # SentencePiece reports byte offsets into the UTF-8 text.
+    to_bytes = [0]
+    for character in text:
+        to_bytes.append(to_bytes[-1] + len(character.encode("utf-8")))
+    byte_spans = [(to_bytes[a], to_bytes[b]) for a, b in spans]
+    ids, is_reply = [], []
+    for piece in pieces:
+        ids.append(piece.id)
+        if piece.begin == piece.end:  # e.g. one byte of a character split into bytes
+            inside = any(start <= piece.begin < end for start, end in byte_spans)
+        else:
+            inside = any(piece.begin < end and piece.end > start for start, end in byte_spans)
+        is_reply.append(inside)
+    return ids, is_reply

@@ -47,6 +47,18 @@ class GemmaTokenizer(SentencePieceTokenizer):
             self._add_special_token(token, name)
         super().__init__(proto=proto, **kwargs)
 
+    def sentencepiece_processor(self):
+        """A `sentencepiece.SentencePieceProcessor` of the same model (for
+        what the tokenizer layer does not give, such as piece offsets)."""
+        import sentencepiece as spm
+
+        if self.proto is None:
+            raise ValueError("No vocabulary is set: construct the tokenizer with `proto`.")
+        if getattr(self, "_processor_for", None) is not self.proto:
+            self._processor = spm.SentencePieceProcessor(model_proto=self.proto)
+            self._processor_for = self.proto
+        return self._processor
+
     @classmethod
     def from_preset(cls, preset, config_file="tokenizer.json", **kwargs):
         """The tokenizer of a preset directory (keras_gemma or Transformers).
