@@ -182,6 +182,23 @@ class GemmaDecoderBlock(keras.layers.Layer):
             return x, cache
         return x
 
+    def rematerialized_call(self, layer_call, *args, **kwargs):
+        """Inside a `keras.RematScope` that selects this block, training
+        recomputes the block's activations in the backward pass. Keras would
+        trace every argument of `call`; only the tensors are traced here, and
+        the flags (`training`, a Python cache index, `None`s) stay Python
+        values."""
+        if super().rematerialized_call(layer_call, *args, **kwargs) is layer_call:
+            return layer_call
+
+        def call(x, padding_mask=None, **flags):
+            def block(x, padding_mask):
+                return layer_call(x, padding_mask=padding_mask, **flags)
+
+            return keras.remat(block)(x, padding_mask)
+
+        return call
+
     def compute_output_shape(self, input_shape):
         return input_shape
 

@@ -78,3 +78,52 @@ def test_fit_takes_strings_lists_datasets_and_tensors(tokenizer):
     history = bare.fit(x, y, sample_weight=sample_weight, batch_size=2, epochs=8, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_fit_under_mixed_bfloat16(tokenizer):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    lm = _lm(tokenizer)
+    assert lm.backbone.compute_dtype == "bfloat16"
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    losses = lm.fit(TEXTS, batch_size=2, epochs=6, verbose=0).history["loss"]
+    assert lm._hidden_states_for_loss
+    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_chunked_loss_under_bfloat16_equals_full_logits(tokenizer):
+    # (Keras' optimizers leave bfloat16 variables unchanged at these small
+    # updates, with full logits too: compare the loss, not training.)
+    keras.config.set_dtype_policy("bfloat16")
+    chunked, _, used = _train(_lm(tokenizer), chunked=True, epochs=1)
+    plain, _, _ = _train(_lm(tokenizer), chunked=False, epochs=1)
+    assert used
+    np.testing.assert_allclose(chunked["loss"], plain["loss"], rtol=2e-2)
+
+
+def test_gradient_accumulation_steps_apply_the_mean_update(tokenizer):
+    # Accumulating 2 batches of 2 applies the mean gradient once: with SGD
+    # that equals one step on the 4 texts at once.
+    accumulated = _lm(tokenizer)
+    accumulated.compile(optimizer=keras.optimizers.SGD(0.5, gradient_accumulation_steps=2))
+    accumulated.fit(TEXTS, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    whole = _lm(tokenizer)
+    whole.compile(optimizer=keras.optimizers.SGD(0.5))
+    whole.fit(TEXTS, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    untouched = _lm(tokenizer)
+    for a, b, c in zip(accumulated.trainable_weights, whole.trainable_weights, untouched.trainable_weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
+    assert any(
+        not np.allclose(to_numpy(a), to_numpy(c)) for a, c in zip(accumulated.trainable_weights, untouched.trainable_weights)
+    )
+
+
+def test_rematerialized_blocks_train_exactly_alike(tokenizer):
+    names = [f"decoder_block_{i}" for i in range(TINY["num_layers"])]
+    with keras.RematScope(mode="list_of_layers", layer_names=names):
+        remat = _lm(tokenizer)
+    assert all(block._remat_mode is not None for block in remat.backbone.transformer_layers)
+    remat_history, remat_weights, _ = _train(remat, chunked=True)
+    history, weights, _ = _train(_lm(tokenizer), chunked=True)
+    np.testing.assert_allclose(remat_history["loss"], history["loss"], rtol=1e-5)
+    for a, b in zip(remat_weights, weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
