@@ -233,6 +233,22 @@ def table(rows):
     return "\n".join(lines)
 
 
+def write_outputs(rows, json_path, plot_path):
+    """Writes the rows as JSON (if asked) and returns pyplot, set up
+    headless, when a plot is asked for (else None)."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    if not plot_path:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", default="jax,tensorflow,torch")
@@ -263,15 +279,8 @@ def main():
             sys.exit(f"{name} failed (exit code {done.returncode}); its output is above.")
         rows += json.loads(done.stdout.strip().splitlines()[-1])
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = write_outputs(rows, args.json, args.plot)
+    if plt:
         bars = [r for r in rows if r.get("batch") == 1 and "tokens_per_s" in r]
         labels = [f"{r['system']}\n{r['backend']}" for r in bars]
         plt.figure(figsize=(max(6, len(bars) * 0.9), 4))

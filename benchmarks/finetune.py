@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import B2L  # noqa: E402
+from decode import B2L, write_outputs  # noqa: E402
 
 FLOP_PER_TOKEN = 2.978e9
 BATCH, SEQ, STEPS, ROUNDS = 2, 64, 5, 2
@@ -207,15 +207,8 @@ def main():
                 print(f"{backend}: memory, {system} ...", file=sys.stderr, flush=True)
                 rows += run_worker("memory", backend, system)
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = write_outputs(rows, args.json, args.plot)
+    if plt:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, key, seq, title in (
             (axes[0], "tokens_per_s", SEQ, f"training tokens/s (batch {BATCH}, seq {SEQ})"),

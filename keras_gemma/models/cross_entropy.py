@@ -9,7 +9,6 @@ backward pass only scales it: the same matrix products as the plain
 computation, a fraction of the memory.
 """
 
-import keras
 from keras import ops
 
 # Logits per chunk: chunk x vocabulary float32 values (128 MB; a chunk's
@@ -173,11 +172,3 @@ def chunked_cross_entropy(
 
     return loss_and_accuracy(flat_hidden)
 
-
-def plain_cross_entropy(logits, labels, sample_weight):
-    """The reference: `(2,)` weighted loss sum and weighted correct count from
-    full logits (what `chunked_cross_entropy` must equal)."""
-    losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    weights = ops.cast(sample_weight, "float32")
-    correct = ops.cast(ops.equal(ops.argmax(logits, axis=-1), ops.cast(labels, "int32")), "float32")
-    return ops.stack([ops.sum(losses * weights), ops.sum(correct * weights)])

@@ -1,6 +1,7 @@
 """The chunked loss against the plain one: values and gradients (the plain
 gradients come from the backend's automatic differentiation)."""
 
+import keras
 import numpy as np
 import pytest
 from helpers import to_numpy
@@ -8,7 +9,15 @@ from helpers import value_and_grads
 from keras import ops
 
 from keras_gemma.models.cross_entropy import chunked_cross_entropy
-from keras_gemma.models.cross_entropy import plain_cross_entropy
+
+
+def plain_cross_entropy(logits, labels, sample_weight):
+    """The reference (plain Keras): `(2,)` weighted loss sum and weighted correct count from
+    full logits (what `chunked_cross_entropy` must equal)."""
+    losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    weights = ops.cast(sample_weight, "float32")
+    correct = ops.cast(ops.equal(ops.argmax(logits, axis=-1), ops.cast(labels, "int32")), "float32")
+    return ops.stack([ops.sum(losses * weights), ops.sum(correct * weights)])
 
 
 def _problem(seed=0, batch=2, seq=7, hidden=8, vocabulary=23):
