@@ -4,6 +4,7 @@ import contextlib
 import math
 
 import keras
+from keras import ops
 
 
 def einsum_projection(equation, output_shape, kernel_initializer, dtype, name):
@@ -51,7 +52,26 @@ class Projection(keras.layers.EinsumDense):
             outputs = cpu_matmul(inputs, self.kernel, contracted, kernel_contracted_first)
             if outputs is not None:
                 return outputs
+            if contracted > 1 and kernel_contracted_first:
+                return _flat_matmul(inputs, self.kernel, contracted)
         return super().call(inputs, training=training)
+
+
+def _flat_matmul(inputs, kernel, contracted_axes):
+    """`inputs` (batch..., contracted...) times `kernel` (contracted...,
+    free...) as one 2-D product. Speed: for an einsum contracting two axes
+    (the attention output, `btnh,nhd->btd`) XLA on CPU copies and transposes
+    the whole kernel on every call: for b2l's 16 MB kernel, 1.5 ms against
+    0.4 ms for the 2-D product in one decoding step, 2 of its ~100 ms."""
+    kernel_shape = tuple(kernel.shape)
+    rows = math.prod(kernel_shape[:contracted_axes])
+    free_shape = kernel_shape[contracted_axes:]
+    shape = ops.shape(inputs)
+    batch_shape = tuple(shape[: len(shape) - contracted_axes])
+    outputs = ops.matmul(
+        ops.reshape(inputs, (-1, rows)), ops.reshape(kernel, (rows, -1))
+    )
+    return ops.reshape(outputs, batch_shape + free_shape)
 
 
 def _matmul_plan(equation):
