@@ -139,13 +139,27 @@ class GemmaCausalLM(CausalLM):
         sampler="greedy",
         **kwargs,
     ):
+        jit_compile = kwargs.pop("jit_compile", "auto")
         super().compile(
             optimizer=optimizer,
             loss=loss,
             weighted_metrics=weighted_metrics,
             sampler=sampler,
+            jit_compile=jit_compile,
             **kwargs,
         )
+        if (
+            jit_compile == "auto"
+            and keras.config.backend() == "tensorflow"
+            and getattr(self, "_distribute_strategy", None) is None
+        ):
+            # Speed: Keras' "auto" leaves TensorFlow without XLA on machines
+            # with no GPU. With XLA, b2l LoRA training on the development CPU
+            # runs 3.2x faster (benchmarks/finetune.py: 42.9 tokens/s against
+            # keras-hub's 13.4 without XLA, 43.5 with) and its 2048-token
+            # step peaks at 6.0 GB instead of 7.3. Generation keeps its own
+            # graph (see `_compile`).
+            self.jit_compile = True
 
     def call(self, inputs, training=None, mask=None):
         # In fit, a loss that chunked_cross_entropy can compute gets the final
