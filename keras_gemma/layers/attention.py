@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma.layers.feed_forward import _TRAINING_CHUNK_ELEMENTS
+from keras_gemma.layers.feed_forward import position_chunks
 from keras_gemma.layers.projection import einsum_projection
 from keras_gemma.layers.rms_normalization import RMSNormalization
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding
@@ -151,7 +153,7 @@ class GemmaAttention(keras.layers.Layer):
             self.query_norm.build((None, None, heads, head_dim))
             self.key_norm.build((None, None, kv_heads, head_dim))
 
-    def call(self, x, attention_mask=None, cache=None, cache_update_index=0):
+    def call(self, x, attention_mask=None, cache=None, cache_update_index=0, training=None):
         if attention_mask is None:
             key_len = ops.shape(x)[1] if cache is None else ops.shape(cache)[2]
             attention_mask = causal_attention_mask(
@@ -171,7 +173,24 @@ class GemmaAttention(keras.layers.Layer):
             # them when decoding, only the new ones in a prefill from 0.
             key_len = attention_mask.shape[-1]
             key, value = cache[:, 0, :key_len], cache[:, 1, :key_len]  # (b, s, K, h)
-        output = self.output_dense(self._attend(query, key, value, attention_mask))
+        length = query.shape[1]
+        chunk = max(1, _TRAINING_CHUNK_ELEMENTS // (self.num_query_heads * (key.shape[1] or 1)))
+        if training and cache is None and length is not None and length > chunk:
+            # Training on long sequences: queries in chunks, in a loop, each
+            # rematerialized, so the backward pass holds one chunk's
+            # (heads, chunk, keys) logits and probabilities at a time instead
+            # of the whole (heads, seq, seq) (b2l at 2048 tokens: 134 MB each).
+            # The mask travels as float32: the rematerialized function takes
+            # differentiable-typed inputs on every backend.
+            attended = position_chunks(
+                lambda q, m, k, v: self._attend(q, k, v, m > 0.5),
+                [query, ops.cast(attention_mask, "float32")],
+                chunk,
+                shared=(key, value),
+            )
+        else:
+            attended = self._attend(query, key, value, attention_mask)
+        output = self.output_dense(attended)
         if cache is not None:
             return output, cache
         return output

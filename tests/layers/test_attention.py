@@ -93,3 +93,16 @@ def test_sliding_window_mask():
     mask = to_numpy(causal_attention_mask(1, 2, 8, 4, sliding_window_size=3))[0]
     expected = np.array([[0 <= i - j < 3 for j in range(8)] for i in (4, 5)])
     np.testing.assert_array_equal(mask, expected)
+
+
+def test_long_sequences_train_in_rematerialized_query_chunks(monkeypatch):
+    from test_feed_forward import _chunked_training_matches_whole
+
+    from keras_gemma.layers import attention
+
+    x = np.random.RandomState(0).randn(2, 7, 16).astype("float32")
+    layer = GemmaAttention(num_query_heads=4, num_key_value_heads=2, head_dim=8, logit_soft_cap=5.0)
+    layer.build(x.shape)
+    padding_mask = np.array([[1] * 7, [1] * 5 + [0] * 2])
+    mask = causal_attention_mask(2, 7, 7, 0, padding_mask)  # 4 heads x 7 keys: 2 queries a chunk
+    _chunked_training_matches_whole(layer, x, monkeypatch, attention, mask)

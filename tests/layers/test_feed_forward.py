@@ -30,3 +30,77 @@ def test_branch_widths_are_half_of_intermediate_dim():
     assert tuple(ffw.down.kernel.shape) == (16, 32)
     with pytest.raises(ValueError, match="must be even"):
         GemmaFeedForward(hidden_dim=16, intermediate_dim=63)
+
+
+def _chunked_training_matches_whole(layer, x, monkeypatch, module, *call_args):
+    """In training, a long sequence runs in rematerialized chunks of
+    positions: outputs and gradients (inputs and every kernel) equal the
+    whole-sequence computation."""
+    import keras
+    from keras import ops
+
+    monkeypatch.setattr(module, "_TRAINING_CHUNK_ELEMENTS", 64)
+    remat_calls, scanned_chunks = [], []
+    remat, scan = keras.remat, keras.ops.scan
+
+    def counting_remat(fn):
+        remat_calls.append(fn)
+        return remat(fn)
+
+    def counting_scan(fn, init, xs, **kwargs):
+        scanned_chunks.append(keras.tree.flatten(xs)[0].shape[0])
+        return scan(fn, init, xs, **kwargs)
+
+    monkeypatch.setattr(keras, "remat", counting_remat)
+    monkeypatch.setattr(keras.ops, "scan", counting_scan)
+    target = np.random.RandomState(1).randn(*x.shape).astype("float32")
+    variables = layer.trainable_variables
+
+    def value_and_grads(training):
+        """The loss and its gradients with respect to `x` and the layer's
+        variables (real variables, as in `fit`, where the backend allows)."""
+        loss = lambda x: ops.sum(ops.multiply(layer(x, *call_args, training=training), target))  # noqa: E731
+        backend = keras.backend.backend()
+        if backend == "jax":
+            import jax
+
+            def fn(x, values):
+                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                    return loss(x)
+
+            value, grads = jax.value_and_grad(fn, argnums=(0, 1))(x, [v.value for v in variables])
+            grads = [grads[0], *grads[1]]
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            x_tensor = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(x_tensor)
+                value = loss(x_tensor)
+            grads = tape.gradient(value, [x_tensor, *[v.value for v in variables]])
+        else:
+            import torch
+
+            x_tensor = torch.tensor(x, requires_grad=True)
+            value = loss(x_tensor)
+            grads = torch.autograd.grad(value, [x_tensor, *[v.value for v in variables]])
+        return to_numpy(value), [to_numpy(g) for g in grads]
+
+    whole, whole_grads = value_and_grads(False)
+    assert not remat_calls and not scanned_chunks
+    chunked, chunked_grads = value_and_grads(True)
+    assert remat_calls and min(scanned_chunks) > 1
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+    assert len(chunked_grads) == len(variables) + 1
+    assert all(g.dtype == np.float32 and np.abs(g).max() > 0 for g in whole_grads + chunked_grads)
+    for a, b in zip(chunked_grads, whole_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_long_sequences_train_in_rematerialized_chunks(monkeypatch):
+    from keras_gemma.layers import feed_forward
+
+    x = np.random.RandomState(0).randn(2, 7, 16).astype("float32")
+    ffw = GemmaFeedForward(hidden_dim=16, intermediate_dim=32)  # 16-wide branches: 4 positions a chunk
+    ffw.build(x.shape)
+    _chunked_training_matches_whole(ffw, x, monkeypatch, feed_forward)
