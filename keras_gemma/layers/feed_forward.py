@@ -17,13 +17,27 @@ def training_chunk_length(branch_dim):
 
 def position_chunks(fn, inputs, chunk, shared=()):
     """`fn(*inputs)` for a function that is position-wise over the `seq` axis
-    of its `(batch, seq, ...)` inputs (static `seq`) and returns the shape and
-    dtype of its first input, computed `chunk`
-    positions at a time in a loop (`ops.scan`), each chunk rematerialized in
-    the backward pass. The last chunk is zero-padded. `shared` tensors are
-    passed whole to every chunk, after the chunks of `inputs` (as arguments:
-    TensorFlow's rematerialization drops the gradients of captured tensors)."""
+    of its `(batch, seq, ...)` inputs (static `seq`), computed `chunk`
+    positions at a time, each chunk rematerialized in the backward pass.
+    `shared` tensors are passed whole to every chunk, after the chunks of
+    `inputs` (as arguments: TensorFlow's rematerialization drops the
+    gradients of captured tensors).
+
+    On JAX the chunks run in `ops.scan` (the last one zero-padded): with a
+    Python loop XLA ran all the recomputations at once and kept a quarter of
+    the saving."""
     length = inputs[0].shape[1]
+    body = keras.remat(fn)
+    if keras.config.backend() != "jax":
+        # TensorFlow cannot differentiate the layers' variables through
+        # recompute_grad inside a while loop (Keras' scan): a Python loop of
+        # rematerialized chunks trains. (Eager PyTorch runs the
+        # recomputations one chunk after another either way.)
+        outputs = [
+            body(*[x[:, start : start + chunk] for x in inputs], *shared)
+            for start in range(0, length, chunk)
+        ]
+        return ops.concatenate(outputs, axis=1)
     chunks = -(-length // chunk)
     pad = chunks * chunk - length
 
@@ -33,13 +47,8 @@ def position_chunks(fn, inputs, chunk, shared=()):
         shape = (ops.shape(x)[0], chunks, chunk) + tuple(x.shape[2:])
         return ops.moveaxis(ops.reshape(x, shape), 1, 0)
 
-    def step(carry, xs):
-        y = body(*xs, *shared)
-        return y, y  # Keras' TensorFlow scan wants outputs shaped as its carry
-
-    body = keras.remat(fn)
-    xs = [split(x) for x in inputs]
-    _, ys = ops.scan(step, ops.zeros_like(xs[0][0]), xs)
+    step = lambda carry, xs: (carry, body(*xs, *shared))  # noqa: E731
+    _, ys = ops.scan(step, 0, [split(x) for x in inputs])
     ys = ops.moveaxis(ys, 0, 1)
     ys = ops.reshape(ys, (ops.shape(ys)[0], chunks * chunk) + tuple(ys.shape[3:]))
     return ys[:, :length] if pad else ys
@@ -106,13 +115,11 @@ class GemmaFeedForward(keras.layers.Layer):
         if not training or length is None or length <= chunk:
             return self._geglu(x)
         # Training on long sequences: the network is position-wise, so it
-        # runs over chunks of positions in a loop (`ops.scan`), each chunk
-        # rematerialized. The backward pass then holds one chunk's branch
-        # activations at a time, not the whole sequence's (b2l at 2048
-        # tokens: 134 MB per activation; XLA's peak 2.30 -> 1.30 GB), at the
-        # cost of one more forward pass of this network. A Python loop over
-        # chunks saved a quarter of that: XLA ran all the recomputations
-        # at once.
+        # runs over chunks of positions, each chunk rematerialized. The
+        # backward pass then holds one chunk's branch activations at a time,
+        # not the whole sequence's (b2l at 2048 tokens: 134 MB per
+        # activation; XLA's peak temporary memory 2.30 -> 1.30 GB), at the
+        # cost of one more forward pass of this network.
         return position_chunks(self._geglu, [x], chunk)
 
     def _geglu(self, x):

@@ -127,3 +127,31 @@ def test_rematerialized_blocks_train_exactly_alike(tokenizer):
     np.testing.assert_allclose(remat_history["loss"], history["loss"], rtol=1e-5)
     for a, b in zip(remat_weights, weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_long_sequence_chunks_train_exactly_like_whole_sequences(tokenizer, monkeypatch):
+    """`fit` (compiled, as users run it) with the feed-forward networks and
+    attention in rematerialized chunks of positions: the same losses and
+    weights as whole sequences."""
+    from keras_gemma.layers import attention
+    from keras_gemma.layers import feed_forward
+
+    whole, whole_weights, _ = _train(_lm(tokenizer), chunked=True)
+    # 4-position chunks for the tiny model's 48-wide branches and 4 heads x 12 keys.
+    monkeypatch.setattr(feed_forward, "_TRAINING_CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(attention, "_TRAINING_CHUNK_ELEMENTS", 200)
+    lengths = []
+    position_chunks = feed_forward.position_chunks
+
+    def counting(fn, inputs, chunk, shared=()):
+        lengths.append((inputs[0].shape[1], chunk))
+        return position_chunks(fn, inputs, chunk, shared)
+
+    monkeypatch.setattr(feed_forward, "position_chunks", counting)
+    monkeypatch.setattr(attention, "position_chunks", counting)
+    chunked, chunked_weights, _ = _train(_lm(tokenizer), chunked=True)
+    assert len(lengths) >= 2 * TINY["num_layers"] and all(c < n for n, c in lengths)
+    for name in whole:
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-6)
+    for a, b in zip(chunked_weights, whole_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
