@@ -51,7 +51,10 @@ class RotaryEmbedding(keras.layers.Layer):
         positions = ops.arange(seq_len, dtype="float32")
         positions = positions + ops.cast(start_index, "float32")  # (seq,)
         # float32 angles: bfloat16 positions would collide beyond 256.
-        angles = positions[:, None] * inverse_freq[None, :]  # (seq, head_dim/2)
+        # A tensor on the backend's device (a numpy operand stays on the CPU
+        # for PyTorch on a GPU).
+        inverse_freq = ops.convert_to_tensor(inverse_freq[None, :])
+        angles = positions[:, None] * inverse_freq  # (seq, head_dim/2)
         cos = ops.cos(angles)[None, :, None, :]  # (1, seq, 1, head_dim/2)
         sin = ops.sin(angles)[None, :, None, :]
         x32 = ops.cast(x, "float32")
