@@ -139,10 +139,10 @@ def test_default_stop_token_is_eos(tokenizer):
     preprocessor.generate_postprocess = lambda x: raw.append(x) or postprocess(x)
     assert lm.generate("Hi", max_length=16) == "Hi"
     assert lm.generate("Hi", max_length=16, stop_token_ids=None) == "Hi"
-    stopped, free = (np.asarray(r["padding_mask"])[0] for r in raw)
+    stopped, free = (to_numpy(r["padding_mask"])[0] for r in raw)
     assert stopped.sum() == n + 1  # the prompt and <eos>, nothing after
     assert free.all()
-    assert np.asarray(raw[0]["token_ids"])[0, n] == tokenizer.end_token_id
+    assert to_numpy(raw[0]["token_ids"])[0, n] == tokenizer.end_token_id
 
 
 def test_score_logits_and_loss():

@@ -134,7 +134,7 @@ def test_long_prompt_is_an_error_unless_truncation_is_asked_for(tokenizer):
     postprocess = lm.preprocessor.generate_postprocess
     lm.preprocessor.generate_postprocess = lambda x: seen.append(x) or postprocess(x)
     lm.generate(long_prompt, max_length=16, truncate_prompt=True, stop_token_ids=None)
-    ids = np.asarray(seen[0]["token_ids"])[0]
+    ids = to_numpy(seen[0]["token_ids"])[0]
     tokens = [int(t) for t in to_numpy(tokenizer(long_prompt))]
     keep = 16 - 1 - 16 // 4  # <bos>, then room for a quarter of max_length
     assert list(ids[: keep + 1]) == [tokenizer.start_token_id] + tokens[-keep:]
