@@ -5,8 +5,8 @@ import math
 import keras
 from keras import ops
 
-from keras_gemma.layers.feed_forward import _TRAINING_CHUNK_ELEMENTS
 from keras_gemma.layers.feed_forward import position_chunks
+from keras_gemma.layers.feed_forward import training_chunk_length
 from keras_gemma.layers.projection import einsum_projection
 from keras_gemma.layers.rms_normalization import RMSNormalization
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding
@@ -174,7 +174,7 @@ class GemmaAttention(keras.layers.Layer):
             key_len = attention_mask.shape[-1]
             key, value = cache[:, 0, :key_len], cache[:, 1, :key_len]  # (b, s, K, h)
         length = query.shape[1]
-        chunk = max(1, _TRAINING_CHUNK_ELEMENTS // (self.num_query_heads * (key.shape[1] or 1)))
+        chunk = training_chunk_length(self.num_query_heads * (key.shape[1] or 1))
         if training and cache is None and length is not None and length > chunk:
             # Training on long sequences: queries in chunks, in a loop, each
             # rematerialized, so the backward pass holds one chunk's

@@ -5,14 +5,15 @@ from keras import ops
 
 from keras_gemma.layers.projection import einsum_projection
 
-# In training, sequences longer than this many branch activations per
-# position-chunk (2**23 float32 values, 32 MB per example and branch: 512
-# positions of Gemma 2B's 16384-wide branches) run in rematerialized chunks.
+# In training, sequences longer than a chunk of this many values per example
+# (2**23 float32 values, 32 MB: 512 positions of Gemma 2B's 16384-wide
+# branches, or of its 8 heads x 2048 keys) run in rematerialized chunks.
 _TRAINING_CHUNK_ELEMENTS = 1 << 23
 
 
-def training_chunk_length(branch_dim):
-    return max(1, _TRAINING_CHUNK_ELEMENTS // branch_dim)
+def training_chunk_length(values_per_position):
+    """Positions per chunk, for `values_per_position` activations each."""
+    return max(1, _TRAINING_CHUNK_ELEMENTS // values_per_position)
 
 
 def position_chunks(fn, inputs, chunk, shared=()):

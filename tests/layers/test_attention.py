@@ -98,11 +98,11 @@ def test_sliding_window_mask():
 def test_long_sequences_train_in_rematerialized_query_chunks(monkeypatch):
     from test_feed_forward import _chunked_training_matches_whole
 
-    from keras_gemma.layers import attention
+    from keras_gemma.layers import feed_forward
 
     x = np.random.RandomState(0).randn(2, 7, 16).astype("float32")
     layer = GemmaAttention(num_query_heads=4, num_key_value_heads=2, head_dim=8, logit_soft_cap=5.0)
     layer.build(x.shape)
     padding_mask = np.array([[1] * 7, [1] * 5 + [0] * 2])
     mask = causal_attention_mask(2, 7, 7, 0, padding_mask)  # 4 heads x 7 keys: 2 queries a chunk
-    _chunked_training_matches_whole(layer, x, monkeypatch, attention, mask)
+    _chunked_training_matches_whole(layer, x, monkeypatch, feed_forward, mask)

@@ -139,7 +139,6 @@ def test_long_sequence_chunks_train_exactly_like_whole_sequences(tokenizer, monk
     whole, whole_weights, _ = _train(_lm(tokenizer), chunked=True)
     # 4-position chunks for the tiny model's 48-wide branches and 4 heads x 12 keys.
     monkeypatch.setattr(feed_forward, "_TRAINING_CHUNK_ELEMENTS", 200)
-    monkeypatch.setattr(attention, "_TRAINING_CHUNK_ELEMENTS", 200)
     lengths = []
     position_chunks = feed_forward.position_chunks
 
