@@ -13,6 +13,7 @@ from helpers import TINY
 from helpers import to_numpy
 
 import keras_gemma
+from keras_gemma.models.lora import LORA_TARGETS
 
 INPUTS = {
     "token_ids": np.array([[2, 15, 37, 99, 5, 61, 7, 0], [2, 8, 44, 3, 120, 0, 0, 0]], "int32"),
@@ -169,14 +170,16 @@ def test_mismatches_are_clear_errors_and_load_nothing(tmp_path):
 
 def test_merge_folds_adapters_into_the_kernels():
     backbone = _backbone()
-    backbone.enable_lora(4, alpha=8, target_layer_names=["query", "value", "ffw_gating"])
+    # Every target: each projection's equation (the adapter is applied
+    # beside the kernel in the forward pass, then merged into it).
+    backbone.enable_lora(4, alpha=8, target_layer_names=LORA_TARGETS)
     _randomize_adapters(backbone)
     expected = to_numpy(backbone(INPUTS))
     count = len(backbone.weights)
     backbone.merge_lora_weights()
     assert _adapter_layers(backbone) == []
     assert not any("lora" in v.path for v in backbone.weights)
-    assert len(backbone.weights) == count - 2 * 3 * TINY["num_layers"]
+    assert len(backbone.weights) == count - 2 * len(LORA_TARGETS) * TINY["num_layers"]
     assert len(backbone.trainable_weights) == len(backbone.weights)
     np.testing.assert_allclose(to_numpy(backbone(INPUTS)), expected, rtol=1e-5, atol=1e-5)
     # A merged backbone is a plain one: a fresh backbone with its weights agrees.
