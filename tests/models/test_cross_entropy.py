@@ -79,3 +79,21 @@ def test_frozen_embeddings_give_the_same_hidden_gradient():
     plain_value, (plain_grad,) = value_and_grads(plain, hidden_states)
     np.testing.assert_allclose(value, plain_value, rtol=1e-5)
     np.testing.assert_allclose(grad, plain_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_accuracy_breaks_ties_like_argmax():
+    """Duplicate embedding rows give exactly tied logits: the label counts as
+    correct only at the first of the tied maxima, as Keras' accuracy (argmax)
+    has it."""
+    hidden_states, embeddings, labels, weights = _problem(seed=2, seq=6)
+    embeddings[5] = embeddings[9] = embeddings[17]
+    weights[:] = 1.0
+    for t in range(6):
+        # Every position predicts the tied rows (5, 9 and 17) with confidence.
+        hidden_states[:, t] = embeddings[5] * 4
+    labels[0] = [5, 9, 17, 5, 3, 9]
+    labels[1] = [9, 5, 5, 22, 17, 5]
+    totals = to_numpy(chunked_cross_entropy(hidden_states, embeddings, labels, weights, chunk_size=4))
+    expected = to_numpy(_plain(hidden_states, embeddings, labels, weights, None))
+    assert expected[1] == 5  # the five labels 5, the first of the tied rows
+    np.testing.assert_allclose(totals, expected, rtol=1e-5)
