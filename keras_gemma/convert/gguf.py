@@ -1,6 +1,7 @@
 """GGUF files (llama.cpp): read, dequantize and map onto keras_gemma.
 
-The `gguf` package reads the file and dequantizes each tensor to float32.
+`GGUFFile` reads the file; the `gguf` package dequantizes each tensor to
+float32.
 llama.cpp's converter stores Gemma's RMSNorm scales with the `+1` of
 `x * (1 + scale)` already added; this module subtracts it again. Tensors are
 renamed to the transformers layout, so the weight mapping and the all-or-
@@ -12,6 +13,7 @@ import re
 import numpy as np
 from keras_hub.src.utils.preset_utils import PresetLoader
 
+from keras_gemma.convert.gguf_file import GGUFFile
 from keras_gemma.convert.transformers import _gemma_weight_map
 from keras_gemma.convert.transformers import assign_weights
 
@@ -39,12 +41,11 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 def _field(reader, key, default=None, required=False, path=""):
     """A metadata value (scalar, string or list), or `default` if absent."""
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in reader.metadata:
         if required:
             raise ValueError(f"{path} lacks the GGUF metadata field {key!r}.")
         return default
-    return field.contents()
+    return reader.metadata[key]
 
 
 class GGUFTensors:
@@ -99,12 +100,7 @@ class GGUFPresetLoader(PresetLoader):
     """Loads a `.gguf` file of a Gemma 1, 2 or 3 text model."""
 
     def __init__(self, preset, config=None):
-        from gguf import GGUFReader
-
-        try:
-            reader = GGUFReader(preset)
-        except Exception as e:  # the gguf package raises bare ValueErrors
-            raise ValueError(f"{preset} is not a readable GGUF file: {e}") from e
+        reader = GGUFFile(preset)  # a ValueError naming the file if unreadable
         self.reader = reader
         self.preset = preset
         architecture = _field(reader, "general.architecture", required=True, path=preset)
@@ -126,12 +122,12 @@ class GGUFPresetLoader(PresetLoader):
         hidden = int(get("embedding_length"))
         heads = int(get("attention.head_count"))
         head_dim = int(get("attention.key_length", hidden // heads))
-        tokens = r.fields.get("tokenizer.ggml.tokens")
+        tokens = r.metadata.get("tokenizer.ggml.tokens")
         embedding = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
         if embedding is None:
             raise ValueError(f"{path} lacks the tensor 'token_embd.weight'.")
         config = {
-            "vocabulary_size": int(embedding.shape[1]) if tokens is None else len(tokens.data),
+            "vocabulary_size": int(embedding.shape[1]) if tokens is None else len(tokens),
             "num_layers": num_layers,
             "num_query_heads": heads,
             "num_key_value_heads": int(get("attention.head_count_kv", heads)),

@@ -4,8 +4,8 @@ A GGUF (llama.cpp's format) carries no `tokenizer.model`. It stores the vocabula
 `tokenizer.ggml.*` metadata instead, written by llama.cpp's `convert_hf_to_gguf.py` from
 the original SentencePiece model and the Hugging Face `tokenizer_config.json`:
 
-    import gguf, sentencepiece
-    proto = sentencepiece_proto_from_gguf(gguf.GGUFReader("gemma-3-270m.gguf"))
+    import sentencepiece
+    proto = sentencepiece_proto_from_gguf("gemma-3-270m.gguf")
     sentencepiece.SentencePieceProcessor(model_proto=proto).encode("Hello")
 
 Two things the converter changed are undone here, so that the rebuilt model tokenizes as
@@ -28,6 +28,8 @@ caller's business, as with any SentencePiece model.
 
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from keras_gemma.convert.gguf_file import GGUFFile
+
 _Piece = model_pb2.ModelProto.SentencePiece
 
 # llama.cpp's token types (llama_token_type) to SentencePiece piece types. CONTROL is
@@ -45,18 +47,17 @@ _CONTROL = 3
 
 def _field(reader, key, required=True, default=None):
     """The value of metadata field `key`: a scalar, a string or a list."""
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in reader.metadata:
         if required:
             raise ValueError(
                 f"{_name(reader)} has no {key!r} field; it holds no SentencePiece tokenizer."
             )
         return default
-    return field.contents()
+    return reader.metadata[key]
 
 
 def _name(reader):
-    return getattr(reader.data, "filename", None) or "The GGUF file"
+    return reader.path
 
 
 def _piece_type(token_type, token_id, special_ids, key):
@@ -70,10 +71,11 @@ def _piece_type(token_type, token_id, special_ids, key):
     return _PIECE_TYPES[token_type]
 
 
-def sentencepiece_proto_from_gguf(reader):
-    """The serialized SentencePiece `ModelProto` (bytes) that `reader` (a `gguf.GGUFReader`)
-    describes. Raises `ValueError` if the file holds no SentencePiece ("llama") tokenizer or
-    lacks a field the model needs."""
+def sentencepiece_proto_from_gguf(gguf_file):
+    """The serialized SentencePiece `ModelProto` (bytes) that `gguf_file` (a path, or a
+    `keras_gemma.convert.gguf_file.GGUFFile`) describes. Raises `ValueError` if the file
+    holds no SentencePiece ("llama") tokenizer or lacks a field the model needs."""
+    reader = gguf_file if isinstance(gguf_file, GGUFFile) else GGUFFile(gguf_file)
     model = _field(reader, "tokenizer.ggml.model")
     if model != "llama":
         raise ValueError(

