@@ -232,3 +232,35 @@ def value_and_grads(fn, *arrays):
         value = fn(*tensors)
         grads = torch.autograd.grad(value, tensors)
     return to_numpy(value), [to_numpy(g) for g in grads]
+
+
+def backend_independent(name, key, compute):
+    """`compute()`, once for the three backend passes of `run_all_backends.sh`.
+
+    Some oracles do not depend on the Keras backend: transformers loading the
+    Gemma 3 270M GGUF takes about 80 s, three times over without this. The
+    script points `KERAS_GEMMA_ORACLE_CACHE` at a fresh directory that it
+    deletes at the end; without it (a plain `pytest` run) nothing is stored.
+    `compute` returns (a JSON-able value, {name: numpy array}); `key` (JSON-
+    able) must name everything the result depends on: files, versions,
+    inputs."""
+    import hashlib
+    import json
+
+    directory = os.environ.get("KERAS_GEMMA_ORACLE_CACHE")
+    if not directory:
+        return compute()
+    digest = hashlib.sha256(json.dumps([name, key], sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(directory, f"{name}-{digest}")
+    if os.path.exists(path + ".npz"):
+        with open(path + ".json") as f:
+            value = json.load(f)
+        with np.load(path + ".npz") as arrays:
+            return value, dict(arrays)
+    value, arrays = compute()
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".json", "w") as f:
+        json.dump(value, f)
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path + ".npz")  # written last: marks the entry complete
+    return value, arrays

@@ -5,6 +5,11 @@ set -u
 cd "$(dirname "$0")/.."
 status=0
 summary=""
+# Oracles that do not depend on the backend are computed in the first pass and
+# reused by the others (tests/helpers.py: backend_independent).
+KERAS_GEMMA_ORACLE_CACHE="$(mktemp -d)"
+export KERAS_GEMMA_ORACLE_CACHE
+trap 'rm -rf "$KERAS_GEMMA_ORACLE_CACHE"' EXIT
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend ==="
   KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider tests "$@"

