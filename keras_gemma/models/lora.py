@@ -63,6 +63,16 @@ def enable_lora(backbone, rank, alpha=None, target_layer_names=None):
     if isinstance(target_layer_names, str):
         raise TypeError("target_layer_names is a list of layer names, not a string.")
     layers = target_layers(backbone, names)
+    for layer in layers:
+        plan = getattr(layer, "_lora_plan", None)
+        if layer.quantization_mode is not None and (plan is None or plan[2]):
+            raise ValueError(
+                f"LoRA on the {layer.quantization_mode}-quantized {layer.name!r} projection "
+                f"({layer.equation}) is not supported: Keras' quantized adapter path "
+                "needs the kernel's last axis to be an output axis, and here it is "
+                "contracted. Leave it out of target_layer_names, or add the adapters "
+                "before quantizing."
+            )
     alpha = float(rank if alpha is None else alpha)
     # Freeze everything, then train only the adapters (Keras' enable_lora
     # also freezes each target's own kernel).

@@ -211,6 +211,21 @@ def test_qlora_trains_adapters_over_an_int8_base(tokenizer):
         lm.backbone.merge_lora_weights()
 
 
+def test_qlora_on_the_linear_projection_is_a_clear_error():
+    """Keras' int8 adapter path cannot apply an adapter to `ffw_linear`, whose kernel's
+    last axis is contracted (it fails with an einsum shape error when called): refused
+    at enable_lora, before anything is enabled or frozen."""
+    backbone = _backbone()
+    backbone.quantize("int8")
+    trainable = [v.path for v in backbone.trainable_weights]
+    with pytest.raises(ValueError, match=r"int8-quantized 'ffw_linear' projection \(btf,df->btd\)"):
+        backbone.enable_lora(4, target_layer_names=["query", "ffw_linear"])
+    assert _adapter_layers(backbone) == []
+    assert [v.path for v in backbone.trainable_weights] == trainable
+    backbone.enable_lora(4, target_layer_names=["query", "ffw_gating"])  # the others work
+    assert len(_adapter_layers(backbone)) == 2 * TINY["num_layers"]
+
+
 _OTHER_BACKEND = """
 import json, sys
 import numpy as np
