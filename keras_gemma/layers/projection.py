@@ -39,7 +39,7 @@ class Projection(keras.layers.EinsumDense):
 
     def quantize(self, mode=None, type_check=True, config=None):
         # EinsumDense refuses to quantize its subclasses unless told; only
-        # `call`'s PyTorch shortcut differs here, and it steps aside for
+        # `call`'s faster routes differ here, and they step aside for
         # quantized kernels, so EinsumDense's quantization holds as it is.
         super().quantize(mode, type_check=False, config=config)
 
