@@ -12,6 +12,8 @@ computation, a fraction of the memory.
 import keras
 from keras import ops
 
+from keras_gemma.layers.projection import numpy_matmul
+
 # Logits per chunk: chunk x vocabulary float32 values (128 MB; a chunk's
 # softmax, one-hot and gradient take a few times that).
 _CHUNK_ELEMENTS = 1 << 25
@@ -175,22 +177,11 @@ def chunked_cross_entropy(
 
 
 def _matmul(a, b):
-    """`ops.matmul(a, b)`. Speed, PyTorch only: the products here run outside
-    autograd (in the custom gradient's forward pass), where float32 CPU
-    tensors can be multiplied as numpy views of the same memory (OpenBLAS,
-    no copies; a transposed operand is a Fortran-ordered view). torch's own
-    products of b2l's 256k-vocabulary shapes ran at about 100 GFLOP/s on the
-    development machine, numpy's at about 160."""
-    if keras.config.backend() == "torch":
-        import torch
-
-        if (
-            not torch.is_grad_enabled()
-            and a.device.type == "cpu"
-            and a.dtype == b.dtype == torch.float32
-        ):
-            return torch.from_numpy(a.detach().numpy() @ b.detach().numpy())
-    return ops.matmul(a, b)
+    """`ops.matmul(a, b)`. The products here run outside autograd (in the
+    custom gradient's forward pass), so on PyTorch they can go through
+    numpy (`numpy_matmul`)."""
+    outputs = numpy_matmul(a, b)
+    return ops.matmul(a, b) if outputs is None else outputs
 
 
 def _is_first_maximum(logits, label_logits, labels):
