@@ -1,6 +1,7 @@
 """The einsum projections of Gemma's layers, and the one CPU matmul shortcut."""
 
 import contextlib
+import functools
 import math
 
 import keras
@@ -148,15 +149,16 @@ def cpu_matmul(inputs, kernel, contracted_axes, kernel_contracted_first):
     two thirds of numpy's (OpenBLAS) on the development machine, both for the
     matrix-vector products of decoding (26 against 34 GB/s of weights read;
     18 GB/s through `torch.einsum`'s batched path) and for a 512-token prefill
-    (138 against 176 GFLOP/s). Outside autograd, on float32 CPU tensors, this
-    multiplies numpy views of the same memory (no copies of the weights).
+    (138 against 176 GFLOP/s). On float32 CPU tensors this multiplies numpy
+    views of the same memory (no copies of the weights), in training too
+    (`numpy_matmul`).
     """
     if keras.config.backend() != "torch":
         return None
     import torch
 
-    if torch.is_grad_enabled() or not isinstance(inputs, torch.Tensor):
-        return None  # training, or a symbolic call: no views to make
+    if not isinstance(inputs, torch.Tensor):
+        return None  # a symbolic call: no views to make
     weights = kernel.value
     batch_shape = tuple(inputs.shape[: inputs.ndim - contracted_axes])
     if kernel_contracted_first:
@@ -170,23 +172,67 @@ def cpu_matmul(inputs, kernel, contracted_axes, kernel_contracted_first):
 
 
 def numpy_matmul(a, b):
-    """`a @ b` for 2-D float32 CPU torch tensors outside autograd, as numpy
-    views of the same memory (OpenBLAS, no copies; a transposed operand is a
-    Fortran-ordered view), or None where that does not apply. Speed, PyTorch
-    only, for the same reason as `cpu_matmul`: the chunked loss's products of
-    b2l's 256k-vocabulary shapes ran at about 100 GFLOP/s through torch and
-    160 through numpy on the development machine."""
+    """`a @ b` for 2-D float32 CPU torch tensors, as numpy views of the same
+    memory (OpenBLAS, no copies; a transposed operand is a Fortran-ordered
+    view), or None where that does not apply. Under autograd the products of
+    the backward pass go through numpy too (`_numpy_matmul_function`).
+
+    Speed, PyTorch only, for the same reason as `cpu_matmul`: the chunked
+    loss's products of b2l's 256k-vocabulary shapes ran at about 100 GFLOP/s
+    through torch and 160 through numpy on the development machine. In b2l
+    LoRA training (benchmarks/finetune.py's settings) the layers' products,
+    forward and backward, ran at about 87 GFLOP/s through torch's `bmm` and
+    111 through numpy, in the same step.
+    """
     if keras.config.backend() != "torch":
         return None
     import torch
 
-    if torch.is_grad_enabled() or not all(
+    if not all(
         isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32
         for t in (a, b)
     ):
         return None
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _numpy_matmul_function().apply(a, b)
+    return _numpy_product(a, b)
+
+
+def _numpy_product(a, b):
+    import torch
+
     return torch.from_numpy(a.detach().numpy() @ b.detach().numpy())
 
+
+@functools.cache
+def _numpy_matmul_function():
+    """A `torch.autograd.Function` for `a @ b` whose forward and backward
+    products run through numpy. It keeps for the backward pass only what the
+    gradients that are asked for need: for a frozen kernel (LoRA), the kernel
+    and not the inputs, as torch's own product does."""
+    import torch
+
+    class NumpyMatmul(torch.autograd.Function):
+        @staticmethod
+        def forward(a, b):
+            return _numpy_product(a, b)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            a, b = inputs
+            ctx.save_for_backward(a if b.requires_grad else None, b if a.requires_grad else None)
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b = ctx.saved_tensors
+            # Differentiating the backward pass itself (`create_graph`)
+            # needs torch's own products.
+            product = torch.matmul if torch.is_grad_enabled() else _numpy_product
+            grad_a = product(grad, b.mT) if ctx.needs_input_grad[0] else None
+            grad_b = product(a.mT, grad) if ctx.needs_input_grad[1] else None
+            return grad_a, grad_b
+
+    return NumpyMatmul
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Projection: the adapter applied beside the frozen kernel computes what
+"""Projection: its products (the adapter applied beside the frozen kernel,
+and on PyTorch the numpy route in training) compute what
 Keras' own EinsumDense computes with the merged kernel, for every Gemma
 projection's equation."""
 
@@ -53,4 +54,33 @@ def test_unmerged_adapter_equals_keras_merged_kernel(equation, input_shape, outp
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     for name, got, want in zip(("inputs", "lora_kernel_a", "lora_kernel_b"), grads, expected_grads):
         assert np.abs(want).max() > 0, name
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("equation,input_shape,output_shape", EQUATIONS)
+def test_trained_kernel_gradients_equal_keras_einsum_dense(equation, input_shape, output_shape):
+    """Full fine-tuning: the gradients with respect to the inputs and the
+    kernel itself (on PyTorch both come from numpy's products) are Keras'."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=input_shape).astype("float32")
+    ours = Projection(equation, output_shape=output_shape)
+    keras_layer = keras.layers.EinsumDense(equation, output_shape=output_shape)
+    for layer in (ours, keras_layer):
+        layer.build(input_shape)
+    keras_layer.set_weights(ours.get_weights())
+    target = rng.normal(size=to_numpy(keras_layer(x)).shape).astype("float32")
+
+    def loss(layer):
+        def fn(x, kernel):
+            outputs, _ = layer.stateless_call([kernel], [], x)
+            return keras.ops.sum(keras.ops.multiply(outputs, target))
+
+        return fn
+
+    kernel = to_numpy(ours.kernel)
+    value, grads = value_and_grads(loss(ours), x, kernel)
+    expected_value, expected_grads = value_and_grads(loss(keras_layer), x, kernel)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for name, got, want in zip(("inputs", "kernel"), grads, expected_grads):
+        assert got.shape == want.shape, name
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
