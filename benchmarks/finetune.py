@@ -12,6 +12,9 @@ random weights), LoRA rank 4 on query and value, AdamW, the default
   GFLOP per token (forward 2 x 744.5 M matmul parameters, backward the same
   for input gradients) / the float32 matmul rate measured in the same worker
   (best of a jitted JAX and a numpy product, before and after the rounds).
+  Beside it, the utilisation the step would have if it did nothing but its
+  matrix products, each at the best rate measured for its shape
+  (`products_ceiling_s`): what this machine allows at these shapes.
 - Memory: batch 1, sequence 2048: each system in its own process, two
   training steps; the process's peak resident memory during those steps
   (Linux VmHWM, reset after the model is built; weights, 3 GB, and the
@@ -63,6 +66,62 @@ def matmul_rate():
     return flop / best / 1e9
 
 
+def products_ceiling_s(rows):
+    """Seconds that the matrix products of one b2l LoRA training step on
+    `rows` tokens take on their own: each weight's forward product and,
+    where the step needs it, its input-gradient product, every one at the
+    best of 3 runs over numpy and jitted JAX in either operand layout. A step
+    built on these libraries' products takes longer than that, so FLOP /
+    this time / the matmul rate bounds its model-FLOPs utilisation.
+    (The attention score products and the rank-4 adapters, under 1% of the
+    work, are left out.)"""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    hidden, layers = B2L["hidden_dim"], B2L["num_layers"]
+    heads = B2L["num_query_heads"] * B2L["head_dim"]
+    kv = B2L["num_key_value_heads"] * B2L["head_dim"]
+    branch = B2L["intermediate_dim"] // 2
+    # (inputs, outputs, forward products, input-gradient products) per step.
+    # The first layer's query, key and value need no input gradient: the
+    # embedding below them is frozen.
+    weights = [
+        (hidden, heads, layers, layers - 1), (hidden, kv, 2 * layers, 2 * layers - 2),
+        (heads, hidden, layers, layers), (hidden, branch, 2 * layers, 2 * layers),
+        (branch, hidden, layers, layers), (hidden, B2L["vocabulary_size"], 1, 1),
+    ]
+    try:
+        import jax
+
+        product = jax.jit(lambda a, m: a @ m)
+        swapped = jax.jit(lambda a, m: (m.T @ a.T).T)
+    except ImportError:
+        jax = None
+
+    def best(a, m):
+        candidates = [lambda: a @ m, lambda: (m.T @ a.T).T]
+        if jax:
+            aj, mj = jax.device_put(a), jax.device_put(m)
+            candidates += [lambda f=f: f(aj, mj).block_until_ready() for f in (product, swapped)]
+        times = []
+        for run in candidates:
+            run()
+            for _ in range(3):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+        return min(times)
+
+    total = 0.0
+    for k, n, forward, backward in weights:
+        # The vocabulary is stored (vocabulary, hidden), as the embedding.
+        w = rng.rand(k, n).astype("float32") if n < 100_000 else rng.rand(n, k).astype("float32").T
+        total += forward * best(rng.rand(rows, k).astype("float32"), w)
+        total += backward * best(rng.rand(rows, n).astype("float32"), w.T)
+        del w
+    return total
+
+
 def batch(batch_size, seq):
     import numpy as np
 
@@ -108,6 +167,7 @@ def speed_worker(backend):
     import keras_hub  # noqa: F401
 
     rows, rates = [], [matmul_rate()]
+    ceiling_s = products_ceiling_s(BATCH * SEQ)
     names = ["keras_gemma", "keras-hub"] + (["keras-hub (XLA)"] if backend == "tensorflow" else [])
     models = {name: build(name) for name in names}
     x, y, w = batch(BATCH, SEQ)
@@ -132,6 +192,7 @@ def speed_worker(backend):
             "backend": backend, "system": name, "batch": BATCH, "seq": SEQ,
             "tokens_per_s": tokens_per_s, "first_step_s": first[name],
             "mfu": tokens_per_s * FLOP_PER_TOKEN / (rate * 1e9), "matmul_gflop_s": rate,
+            "products_ceiling_mfu": BATCH * SEQ * FLOP_PER_TOKEN / ceiling_s / (rate * 1e9),
         })
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -165,7 +226,12 @@ def table(rows):
         speed = {r["system"]: r for r in rs if r.get("seq") == SEQ}
         memory = {r["system"]: r for r in rs if r.get("seq") == LONG_SEQ}
         rate = next((r["matmul_gflop_s"] for r in speed.values()), None)
-        lines.append(f"\n{backend}: float32 matmul {rate:.0f} GFLOP/s" if rate else f"\n{backend}")
+        if rate:
+            ceiling = next(iter(speed.values()))["products_ceiling_mfu"]
+            lines.append(f"\n{backend}: float32 matmul {rate:.0f} GFLOP/s; the step's matrix products "
+                         f"alone, each at its best measured rate, would be {ceiling:.0%} MFU")
+        else:
+            lines.append(f"\n{backend}")
         lines.append(f"| system | tokens/s (b{BATCH} s{SEQ}) | x keras-hub | MFU | first step (s) | "
                      f"peak GB (b1 s{LONG_SEQ}) | x keras-hub | step (s, s{LONG_SEQ}) |")
         lines.append("|---|---|---|---|---|---|---|---|")
