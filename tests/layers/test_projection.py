@@ -20,16 +20,23 @@ EQUATIONS = [
     ("btf,df->btd", (2, 5, 24), (None, 16)),  # linear: the kernel's last axis is contracted
 ]
 
-
-@pytest.mark.parametrize("equation,input_shape,output_shape", EQUATIONS)
-def test_unmerged_adapter_equals_keras_merged_kernel(equation, input_shape, output_shape):
-    rng = np.random.default_rng(0)
+def _inputs_and_layers(rng, equation, input_shape, output_shape, lora):
+    """Random inputs, and our Projection beside Keras' EinsumDense, built
+    (and given rank-3 adapters when `lora`)."""
     x = rng.normal(size=input_shape).astype("float32")
     ours = Projection(equation, output_shape=output_shape)
     keras_layer = keras.layers.EinsumDense(equation, output_shape=output_shape)
     for layer in (ours, keras_layer):
         layer.build(input_shape)
-        layer.enable_lora(3, lora_alpha=5.0)
+        if lora:
+            layer.enable_lora(3, lora_alpha=5.0)
+    return x, ours, keras_layer
+
+
+@pytest.mark.parametrize("equation,input_shape,output_shape", EQUATIONS)
+def test_unmerged_adapter_equals_keras_merged_kernel(equation, input_shape, output_shape):
+    rng = np.random.default_rng(0)
+    x, ours, keras_layer = _inputs_and_layers(rng, equation, input_shape, output_shape, lora=True)
     for v in ours.weights:  # b starts at zero, which would hide every bug
         v.assign(rng.normal(size=v.shape).astype("float32"))
     keras_layer.set_weights(ours.get_weights())
@@ -62,11 +69,7 @@ def test_trained_kernel_gradients_equal_keras_einsum_dense(equation, input_shape
     """Full fine-tuning: the gradients with respect to the inputs and the
     kernel itself (on PyTorch both come from numpy's products) are Keras'."""
     rng = np.random.default_rng(1)
-    x = rng.normal(size=input_shape).astype("float32")
-    ours = Projection(equation, output_shape=output_shape)
-    keras_layer = keras.layers.EinsumDense(equation, output_shape=output_shape)
-    for layer in (ours, keras_layer):
-        layer.build(input_shape)
+    x, ours, keras_layer = _inputs_and_layers(rng, equation, input_shape, output_shape, lora=False)
     keras_layer.set_weights(ours.get_weights())
     target = rng.normal(size=to_numpy(keras_layer(x)).shape).astype("float32")
 
