@@ -29,7 +29,7 @@ class Projection(keras.layers.EinsumDense):
     `<batch letters><contracted>,<kernel>-><batch letters><free>`, where the
     kernel is `<contracted><free>` or `<free><contracted>` (every Gemma
     projection). Same weights, LoRA and quantization as `EinsumDense`; it
-    computes some products differently, for speed: the PyTorch inference path
+    computes some products differently, for speed: PyTorch's CPU products
     (`cpu_matmul`), kernels contracted over two axes (`_flat_matmul`), and
     adapters applied without merging them into the kernel (`_low_rank`)."""
 
@@ -188,11 +188,11 @@ def numpy_matmul(a, b):
         return None
     import torch
 
-    if not all(
+    if torch.compiler.is_compiling() or not all(
         isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32
         for t in (a, b)
     ):
-        return None
+        return None  # torch.compile's graph keeps torch's own products
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return _numpy_matmul_function().apply(a, b)
     return _numpy_product(a, b)

@@ -161,9 +161,7 @@ def chunked_cross_entropy(
 
 
 def _matmul(a, b):
-    """`ops.matmul(a, b)`. The products here run outside autograd (in the
-    custom gradient's forward pass), so on PyTorch they can go through
-    numpy (`numpy_matmul`)."""
+    """`ops.matmul(a, b)`; on PyTorch's CPU through numpy (`numpy_matmul`)."""
     outputs = numpy_matmul(a, b)
     return ops.matmul(a, b) if outputs is None else outputs
 
@@ -175,7 +173,10 @@ def _softmax_cross_entropy(logits, labels, weights, soft_cap):
     the cap, `weights * (softmax - one_hot)`. One exponential serves the
     log-normaliser and the softmax."""
     if keras.config.backend() == "torch":
-        return _torch_softmax_cross_entropy(logits, labels, weights, soft_cap)
+        import torch
+
+        if not torch.compiler.is_compiling():  # torch.compile fuses the passes itself
+            return _torch_softmax_cross_entropy(logits, labels, weights, soft_cap)
     if soft_cap is not None:
         squashed = ops.tanh(logits / soft_cap)
         logits = squashed * soft_cap

@@ -64,6 +64,35 @@ def test_values_and_gradients_equal_the_plain_loss(soft_cap, chunk_size):
     assert np.abs(plain_h).max() > 1e-3 and np.abs(plain_e).max() > 1e-3
 
 
+def test_torch_compile_equals_eager():
+    """`jit_compile=True` on PyTorch trains through torch.compile. There the
+    eager step's numpy products and in-place softmax gradient step aside
+    (dynamo cannot trace the in-place gradient, and the numpy products would
+    split its graph), and loss and gradients equal the eager ones."""
+    if keras.config.backend() != "torch":
+        pytest.skip("torch.compile is PyTorch's; JAX and TensorFlow always train under XLA here")
+    import torch
+
+    from keras_gemma.layers.projection import Projection
+
+    hidden_states, embeddings, labels, weights = _problem()
+    labels, weights = ops.convert_to_tensor(labels), ops.convert_to_tensor(weights)
+    layer = Projection("btd,df->btf", output_shape=(None, hidden_states.shape[-1]))
+    layer.build(hidden_states.shape)
+
+    def loss(h, e):
+        return chunked_cross_entropy(layer(h), e, labels, weights, soft_cap=2.0)[0]
+
+    value, grads = value_and_grads(loss, hidden_states, embeddings)
+    torch._dynamo.reset()
+    compiled_value, compiled_grads = value_and_grads(
+        torch.compile(loss), hidden_states, embeddings
+    )
+    np.testing.assert_allclose(compiled_value, value, rtol=1e-5)
+    for got, want in zip(compiled_grads, grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_frozen_embeddings_give_the_same_hidden_gradient():
     hidden_states, embeddings, labels, weights = _problem(seed=1)
 
