@@ -70,7 +70,7 @@ def test_torch_compile_equals_eager():
     (dynamo cannot trace the in-place gradient, and the numpy products would
     split its graph), and loss and gradients equal the eager ones."""
     if keras.config.backend() != "torch":
-        pytest.skip("torch.compile is PyTorch's; JAX and TensorFlow always train under XLA here")
+        pytest.skip("torch.compile is PyTorch's compiler; JAX and TensorFlow train under XLA in test_fit.py")
     import torch
 
     from keras_gemma.layers.projection import Projection
