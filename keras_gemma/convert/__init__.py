@@ -82,6 +82,29 @@ def get_preset_loader(preset):
     )
 
 
+def from_preset(cls, preset, keras_from_preset, **kwargs):
+    """The one `from_preset` of keras_gemma's four classes.
+
+    `cls` is the class asked for (a keras-hub `Backbone`, `Task`,
+    `Preprocessor` or `Tokenizer` subclass); `keras_from_preset` is
+    keras-hub's own `from_preset` of that class, which reads Keras presets
+    (directories written by `save_to_preset`). `kwargs` are those of the
+    caller (`load_weights` for models, `config_file` for the preprocessing
+    layers, constructor overrides).
+    """
+    import keras_hub
+
+    loader = get_preset_loader(preset)
+    check_preset_class(loader, cls)
+    if isinstance(cls, type) and issubclass(cls, keras_hub.models.Backbone):
+        return loader.load_backbone(cls, kwargs.pop("load_weights", True), **kwargs)
+    if issubclass(cls, keras_hub.models.Task):
+        return loader.load_task(cls, kwargs.pop("load_weights", True), True, **kwargs)
+    if issubclass(cls, keras_hub.models.Preprocessor):
+        return loader.load_preprocessor(cls, kwargs.pop("config_file", "preprocessor.json"), **kwargs)
+    return loader.load_tokenizer(cls, kwargs.pop("config_file", "tokenizer.json"), **kwargs)
+
+
 def check_preset_class(loader, cls):
     """The backbone class of `loader`, which must be one of keras_gemma's."""
     from keras_gemma.models.gemma_backbone import GemmaBackbone

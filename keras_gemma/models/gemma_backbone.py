@@ -360,11 +360,9 @@ class GemmaBackbone(Backbone):
         )
         ```
         """
-        from keras_gemma.convert import check_preset_class, get_preset_loader
+        from keras_gemma import convert
 
-        loader = get_preset_loader(preset)
-        backbone_cls = check_preset_class(loader, cls)
-        return loader.load_backbone(backbone_cls, load_weights, **kwargs)
+        return convert.from_preset(cls, preset, super().from_preset, load_weights=load_weights, **kwargs)
 
     def get_config(self):
         config = super().get_config()

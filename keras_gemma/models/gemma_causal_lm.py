@@ -82,11 +82,9 @@ class GemmaCausalLM(CausalLM):
         gemma_lm.generate("The capital of France is", max_length=16)
         ```
         """
-        from keras_gemma.convert import check_preset_class, get_preset_loader
+        from keras_gemma import convert
 
-        loader = get_preset_loader(preset)
-        check_preset_class(loader, cls)
-        return loader.load_task(cls, load_weights, True, **kwargs)
+        return convert.from_preset(cls, preset, super().from_preset, load_weights=load_weights, **kwargs)
 
     def _logits(self, hidden_states):
         # Tied output projection; logits returned in float32 for a stable

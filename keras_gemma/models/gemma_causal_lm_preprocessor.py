@@ -52,11 +52,9 @@ class GemmaCausalLMPreprocessor(CausalLMPreprocessor):
         )
         ```
         """
-        from keras_gemma.convert import check_preset_class, get_preset_loader
+        from keras_gemma import convert
 
-        loader = get_preset_loader(preset)
-        check_preset_class(loader, cls)
-        return loader.load_preprocessor(cls, config_file, **kwargs)
+        return convert.from_preset(cls, preset, super().from_preset, config_file=config_file, **kwargs)
 
     # Set for one call by `GemmaCausalLM.generate(truncate_prompt=...)`.
     truncate_prompt = False

@@ -68,8 +68,6 @@ class GemmaTokenizer(SentencePieceTokenizer):
         tokenizer = keras_gemma.GemmaTokenizer.from_preset("path/to/gemma-2b")
         ```
         """
-        from keras_gemma.convert import check_preset_class, get_preset_loader
+        from keras_gemma import convert
 
-        loader = get_preset_loader(preset)
-        check_preset_class(loader, cls)
-        return loader.load_tokenizer(cls, config_file, **kwargs)
+        return convert.from_preset(cls, preset, super().from_preset, config_file=config_file, **kwargs)
