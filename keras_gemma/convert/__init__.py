@@ -1,65 +1,102 @@
-"""Where `from_preset` finds a model: one loader per source format."""
+"""Where `from_preset` finds a model, and how the class asked for is built from it.
 
+A preset is one of:
+
+- a directory written by `save_to_preset` (its `config.json` names a registered Keras
+  class): read by keras-hub's own `from_preset` of the class asked for, once the
+  config is known to hold a keras_gemma model;
+- a name in `keras_gemma.presets.PRESETS` (an architecture, no weights);
+- a `.gguf` file (llama.cpp);
+- a Hugging Face Transformers directory (`config.json` with a `model_type`).
+
+The last three are read by loaders of this package, each an object with
+`backbone_config()` (`GemmaBackbone` arguments), `check_weights()` (fails before a
+model is built when there are none to load), `load_weights(backbone)` (all or nothing),
+`has_tokenizer` and `load_tokenizer(cls, **kwargs)`. Nothing here imports a model class
+(DESIGN.md: dependencies point from models/ to convert/): the class to build is handed
+in, and the classes it needs (`backbone_cls`, `preprocessor_cls`, `tokenizer_cls`) are
+its own attributes, as in keras-hub.
+"""
+
+import collections
 import json
 import os
 
-from keras_hub.src.utils.preset_utils import KerasPresetLoader
-from keras_hub.src.utils.preset_utils import PresetLoader
+import keras
+import keras_hub
 
 from keras_gemma import presets
 
+# The kinds of class `from_preset` builds, told by keras-hub's public base classes.
+_KINDS = (
+    keras_hub.models.Backbone,
+    keras_hub.models.Task,
+    keras_hub.models.Preprocessor,
+    keras_hub.tokenizers.Tokenizer,
+)
 
-class ArchitecturePresetLoader(PresetLoader):
-    """A named architecture of `keras_gemma.presets`: configuration only."""
+KerasPreset = collections.namedtuple("KerasPreset", ["directory", "config"])
 
-    def check_backbone_class(self):
-        from keras_gemma.models.gemma_backbone import GemmaBackbone
 
-        return GemmaBackbone
+def from_preset(cls, preset, keras_from_preset, **kwargs):
+    """The one `from_preset` of keras_gemma's four classes.
 
-    def load_backbone(self, cls, load_weights, **kwargs):
-        if load_weights:
+    Args:
+        cls: the class asked for, a subclass of keras-hub's `Backbone`, `Task`,
+            `Preprocessor` or `Tokenizer`.
+        preset: a preset directory, a named architecture, a `.gguf` file or a
+            Transformers directory (see the module docstring).
+        keras_from_preset: keras-hub's own `from_preset` of `cls`, which reads
+            directories written by `save_to_preset`.
+        **kwargs: the caller's: `load_weights` for models, `config_file` for
+            the preprocessing layers, and constructor arguments. For a task,
+            `dtype` goes to the backbone, `backbone` and `preprocessor` (None
+            for none) replace the preset's, the rest go to the task; for the
+            others, all go to the constructor of `cls`.
+    """
+    kind = _kind(cls)
+    source = open_preset(preset)
+    if isinstance(source, KerasPreset):
+        _check_keras_preset(source, cls, kind)
+        built = keras_from_preset(preset, **kwargs)
+        if not isinstance(built, cls):
             raise ValueError(
-                f"keras_gemma ships no weights for {self.preset!r}: it names an "
-                "architecture only. Pass `load_weights=False` for random weights, "
-                "or the directory of a checkpoint (Hugging Face Transformers or "
-                "keras_gemma preset) for real ones."
+                f"{source.directory} holds a {_name(type(built))}, not a "
+                f"{cls.__name__}; {cls.__name__}.from_preset cannot load it."
             )
-        return cls(**{**self.config, **kwargs})
-
-    def load_tokenizer(self, cls, config_file=None, **kwargs):
-        raise ValueError(
-            f"The named preset {self.preset!r} has no tokenizer; load one from a "
-            "checkpoint directory or build `GemmaTokenizer(proto=...)`."
-        )
-
-    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
-        # No tokenizer ships with an architecture: the task comes without one.
-        kwargs.setdefault("preprocessor", None)
-        return super().load_task(cls, load_weights, load_task_weights, **kwargs)
-
-    def load_preprocessor(self, cls, config_file=None, **kwargs):
-        return self.load_tokenizer(cls.tokenizer_cls)
+        return built
+    if kind is keras_hub.models.Backbone:
+        return load_backbone(cls, source, kwargs.pop("load_weights", True), **kwargs)
+    if kind is keras_hub.models.Task:
+        return load_task(cls, source, kwargs.pop("load_weights", True), **kwargs)
+    kwargs.pop("config_file", None)  # names a file of Keras presets only
+    if kind is keras_hub.models.Preprocessor:
+        return load_preprocessor(cls, source, **kwargs)
+    return source.load_tokenizer(cls, **kwargs)
 
 
-def get_preset_loader(preset):
-    """The loader for `preset`: a named architecture, a `.gguf` file or a
-    local directory."""
+def open_preset(preset):
+    """The loader for `preset`, or a `KerasPreset` for a directory written by
+    `save_to_preset`. Anything else is a clear error."""
     if isinstance(preset, str) and preset in presets.PRESETS:
-        return ArchitecturePresetLoader(preset, presets.backbone_config(preset))
-    if isinstance(preset, (str, os.PathLike)) and os.fspath(preset).endswith(".gguf"):
-        if not os.path.isfile(preset):
-            raise FileNotFoundError(f"GGUF file {os.fspath(preset)} not found.")
-        from keras_gemma.convert.gguf import GGUFPresetLoader
+        from keras_gemma.convert.architecture import ArchitectureLoader
 
-        return GGUFPresetLoader(os.fspath(preset))
+        return ArchitectureLoader(preset)
+    if isinstance(preset, (str, os.PathLike)) and os.fspath(preset).endswith(".gguf"):
+        path = os.fspath(preset)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file {path} not found.")
+        from keras_gemma.convert.gguf import GGUFLoader
+
+        return GGUFLoader(path)
     if not isinstance(preset, (str, os.PathLike)) or not os.path.isdir(preset):
         raise ValueError(
             f"Unknown preset {preset!r}: not a named preset "
-            f"({', '.join(presets.PRESETS)}) and not an existing directory."
+            f"({', '.join(presets.PRESETS)}), not a .gguf file and not an "
+            "existing directory."
         )
-    preset = os.fspath(preset)
-    config_path = os.path.join(preset, "config.json")
+    directory = os.fspath(preset)
+    config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(
             f"{config_path} not found: a preset directory holds a config.json "
@@ -71,48 +108,75 @@ def get_preset_loader(preset):
         except ValueError as e:
             raise ValueError(f"{config_path} is not valid JSON: {e}") from e
     if "registered_name" in config:
-        return KerasPresetLoader(preset, config)
+        return KerasPreset(directory, config)
     if "model_type" in config:
-        from keras_gemma.convert.transformers import TransformersPresetLoader
+        from keras_gemma.convert.transformers import TransformersLoader
 
-        return TransformersPresetLoader(preset, config)
+        return TransformersLoader(directory, config)
     raise ValueError(
         f"{config_path} is neither a Keras preset config (no 'registered_name') "
         "nor a Transformers config (no 'model_type')."
     )
 
 
-def from_preset(cls, preset, keras_from_preset, **kwargs):
-    """The one `from_preset` of keras_gemma's four classes.
-
-    `cls` is the class asked for (a keras-hub `Backbone`, `Task`,
-    `Preprocessor` or `Tokenizer` subclass); `keras_from_preset` is
-    keras-hub's own `from_preset` of that class, which reads Keras presets
-    (directories written by `save_to_preset`). `kwargs` are those of the
-    caller (`load_weights` for models, `config_file` for the preprocessing
-    layers, constructor overrides).
-    """
-    import keras_hub
-
-    loader = get_preset_loader(preset)
-    check_preset_class(loader, cls)
-    if isinstance(cls, type) and issubclass(cls, keras_hub.models.Backbone):
-        return loader.load_backbone(cls, kwargs.pop("load_weights", True), **kwargs)
-    if issubclass(cls, keras_hub.models.Task):
-        return loader.load_task(cls, kwargs.pop("load_weights", True), True, **kwargs)
-    if issubclass(cls, keras_hub.models.Preprocessor):
-        return loader.load_preprocessor(cls, kwargs.pop("config_file", "preprocessor.json"), **kwargs)
-    return loader.load_tokenizer(cls, kwargs.pop("config_file", "tokenizer.json"), **kwargs)
+def load_backbone(cls, loader, load_weights=True, **kwargs):
+    """`cls` built from the loader's config (`kwargs` override it), with the
+    loader's weights if `load_weights`."""
+    if load_weights:
+        loader.check_weights()
+    backbone = cls(**{**loader.backbone_config(), **kwargs})
+    if load_weights:
+        loader.load_weights(backbone)
+    return backbone
 
 
-def check_preset_class(loader, cls):
-    """The backbone class of `loader`, which must be one of keras_gemma's."""
-    from keras_gemma.models.gemma_backbone import GemmaBackbone
+def load_preprocessor(cls, loader, **kwargs):
+    """`cls(tokenizer=<the loader's>, **kwargs)`, as keras-hub builds a
+    preprocessor for a preset that has no preprocessor.json."""
+    if "tokenizer" not in kwargs:
+        kwargs["tokenizer"] = loader.load_tokenizer(cls.tokenizer_cls)
+    return cls(**kwargs)
 
-    backbone_cls = loader.check_backbone_class()
-    if not issubclass(backbone_cls, GemmaBackbone):
+
+def load_task(cls, loader, load_weights=True, **kwargs):
+    """`cls(backbone=..., preprocessor=..., **kwargs)`, as keras-hub builds a
+    task for a preset that has no task.json: `dtype` goes to the backbone; a
+    loader without a tokenizer gives no preprocessor."""
+    if "preprocessor" not in kwargs:
+        # Built before the backbone, so that a missing tokenizer fails before
+        # gigabytes of weights are read.
+        has_preprocessor = cls.preprocessor_cls is not None and loader.has_tokenizer
+        kwargs["preprocessor"] = load_preprocessor(cls.preprocessor_cls, loader) if has_preprocessor else None
+    if "backbone" not in kwargs:
+        backbone_kwargs = {"dtype": kwargs.pop("dtype")} if "dtype" in kwargs else {}
+        kwargs["backbone"] = load_backbone(cls.backbone_cls, loader, load_weights, **backbone_kwargs)
+    return cls(**kwargs)
+
+
+def _kind(cls):
+    """Which of keras-hub's base classes `cls` derives from."""
+    for kind in _KINDS:
+        if isinstance(cls, type) and issubclass(cls, kind):
+            return kind
+    raise TypeError(
+        f"from_preset builds keras-hub Backbone, Task, Preprocessor or Tokenizer "
+        f"subclasses, not {cls!r}."
+    )
+
+
+def _check_keras_preset(source, cls, kind):
+    """A `ValueError` unless the preset's backbone is one `cls` works with:
+    keras_gemma's classes do not load another library's presets."""
+    expected = cls if kind is keras_hub.models.Backbone else cls.backbone_cls
+    registered_name = source.config["registered_name"]
+    saved = keras.saving.get_registered_object(registered_name)
+    if not (isinstance(saved, type) and issubclass(saved, expected)):
+        held = _name(saved) if isinstance(saved, type) else f"{registered_name!r} (no class registered under that name)"
         raise ValueError(
-            f"{loader.preset} holds a {backbone_cls.__module__}.{backbone_cls.__name__}, "
-            f"not a keras_gemma model; {cls.__name__}.from_preset cannot load it."
+            f"{source.directory} holds a {held}, not a keras_gemma model; "
+            f"{cls.__name__}.from_preset cannot load it."
         )
-    return backbone_cls
+
+
+def _name(cls):
+    return f"{cls.__module__}.{cls.__name__}"
