@@ -1,4 +1,5 @@
-"""Gemma's chat format: a conversation as the prompt the instruction-tuned checkpoints expect."""
+"""Gemma's chat format: a conversation as the prompt the instruction-tuned
+checkpoints expect, and the replies of `GemmaCausalLM.chat` / `chat_stream`."""
 
 # Role names accepted for a turn, and the name written into the prompt.
 _TURN_ROLES = {"user": "user", "model": "model", "assistant": "model"}
@@ -133,3 +134,48 @@ def _text(message, index, trim=True):
         )
     # jinja's `| trim` is str.strip(); the templates trim each text part.
     return "".join(p.strip() for p in parts) if trim else "".join(parts)
+
+
+def chat(lm, messages, max_length=None, stop_token_ids="auto", stream=False, **kwargs):
+    """The model's reply to `messages`: a string, or (`stream=True`) the
+    pieces of it as they are generated.
+
+    The conversation is written with `format_chat` (ending with the model's
+    turn opened) and generation stops at `<end_of_turn>` or `<eos>` (with
+    `stop_token_ids="auto"`), which is not part of the reply. `kwargs` go to
+    `generate` / `generate_stream` (for example `truncate_prompt`).
+    """
+    if lm.preprocessor is None:
+        raise ValueError("chat needs a preprocessor with a tokenizer.")
+    tokenizer = lm.preprocessor.tokenizer
+    if stop_token_ids == "auto":
+        stop_token_ids = [tokenizer.end_of_turn_token_id, tokenizer.end_token_id]
+    generate = lm.generate_stream if stream else lm.generate
+    return generate(
+        format_chat(messages, add_generation_prompt=True),
+        max_length=max_length,
+        stop_token_ids=stop_token_ids,
+        strip_prompt=True,
+        **kwargs,
+    )
+
+
+def is_conversations(x):
+    """Whether `x` is a list of message lists (or one message list), as
+    `GemmaCausalLM.fit` takes for chat fine-tuning."""
+    if not isinstance(x, (list, tuple)) or not x:
+        return False
+    first = x[0]
+    if isinstance(first, dict):
+        return "role" in first
+    return isinstance(first, (list, tuple)) and bool(first) and isinstance(first[0], dict)
+
+
+def conversation_data(lm, conversations, y=None, sample_weight=None):
+    """`(x, y, sample_weight)` of `conversations` for `GemmaCausalLM.fit`:
+    the loss only on the model's replies."""
+    if lm.preprocessor is None:
+        raise ValueError("Fitting on conversations needs a preprocessor (a tokenizer).")
+    if y is not None or sample_weight is not None:
+        raise ValueError("Conversations carry their own targets: pass no `y` or `sample_weight`.")
+    return lm.preprocessor.preprocess_conversations(conversations)

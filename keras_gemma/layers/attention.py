@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma import backend
 from keras_gemma.layers.feed_forward import position_chunks
 from keras_gemma.layers.feed_forward import training_chunk_length
 from keras_gemma.layers.projection import einsum_projection
@@ -160,15 +161,13 @@ class GemmaAttention(keras.layers.Layer):
                 ops.shape(x)[0], ops.shape(x)[1], key_len, cache_update_index
             )
         query = self.query_dense(x)  # (b, t, N, h)
-        key = self.key_dense(x)  # (b, t, K, h)
-        value = self.value_dense(x)  # (b, t, K, h)
         if self.use_query_key_norm:
-            query, key = self.query_norm(query), self.key_norm(key)
+            query = self.query_norm(query)
         query = self.rope(query, start_index=cache_update_index)
-        key = self.rope(key, start_index=cache_update_index)
+        key, value = self._keys_and_values(x, cache_update_index)
         if cache is not None:
             update = ops.stack([key, value], axis=1)  # (b, 2, t, K, h)
-            cache = write_cache(cache, update, cache_update_index)
+            cache = backend.write_cache(cache, update, cache_update_index)
             # Attend to as many cached positions as the mask is wide: all of
             # them when decoding, only the new ones in a prefill from 0.
             key_len = attention_mask.shape[-1]
@@ -194,6 +193,21 @@ class GemmaAttention(keras.layers.Layer):
         if cache is not None:
             return output, cache
         return output
+
+    def fill_cache(self, x, cache, cache_update_index=0):
+        """Writes the keys and values of `x` (positions `cache_update_index...`)
+        into `cache` and returns it, without attending: all that the last
+        layer of a prefill needs."""
+        key, value = self._keys_and_values(x, cache_update_index)
+        update = ops.stack([key, value], axis=1)  # (b, 2, t, K, h)
+        return backend.write_cache(cache, update, cache_update_index)
+
+    def _keys_and_values(self, x, start):
+        key = self.key_dense(x)  # (b, t, K, h)
+        value = self.value_dense(x)  # (b, t, K, h)
+        if self.use_query_key_norm:
+            key = self.key_norm(key)
+        return self.rope(key, start_index=start), value
 
     def _attend(self, query, key, value, attention_mask):
         scalar = self.query_pre_attn_scalar or self.head_dim
@@ -240,21 +254,6 @@ class GemmaAttention(keras.layers.Layer):
             }
         )
         return config
-
-
-def write_cache(cache, update, index):
-    """`cache` `(b, 2, L, K, h)` with `update` `(b, 2, t, K, h)` written at
-    position `index`, returned as the new cache."""
-    if keras.config.backend() == "torch":
-        import torch
-
-        # Speed: `ops.slice_update` clones the whole cache on torch, one copy
-        # per layer per token. Outside autograd, write in place instead, with a
-        # tensor index so nothing waits on the device.
-        if not torch.is_grad_enabled():
-            positions = torch.arange(update.shape[2], device=cache.device) + index
-            return cache.index_copy_(2, positions, update)
-    return ops.slice_update(cache, [0, 0, index, 0, 0], update)
 
 
 def causal_attention_mask(

@@ -182,20 +182,33 @@ class GemmaDecoderBlock(keras.layers.Layer):
             return x, cache
         return x
 
+    def fill_cache(self, x, cache, cache_update_index=0):
+        """Writes this block's keys and values of `x` into `cache` and returns
+        it, computing nothing else (the last block of a prefill: its output
+        would be thrown away)."""
+        return self.attention.fill_cache(self.pre_attention_norm(x), cache, cache_update_index)
+
     def rematerialized_call(self, layer_call, *args, **kwargs):
         """Inside a `keras.RematScope` that selects this block, training
         recomputes the block's activations in the backward pass. Keras would
-        trace every argument of `call`; only the tensors are traced here, and
-        the flags (`training`, a Python cache index, `None`s) stay Python
-        values."""
+        trace every argument of `call`; only `x` and the masks are traced
+        here (as float32: every backend's rematerialization takes
+        differentiable-typed inputs), and the flags (`training`, a Python
+        cache index, `None`s) stay Python values."""
         if super().rematerialized_call(layer_call, *args, **kwargs) is layer_call:
             return layer_call
 
-        def call(x, padding_mask=None, **flags):
-            def block(x, padding_mask):
-                return layer_call(x, padding_mask=padding_mask, **flags)
+        def call(x, **kwargs):
+            names = [
+                name for name in ("padding_mask", "attention_mask") if kwargs.get(name) is not None
+            ]
+            masks = [ops.cast(kwargs.pop(name), "float32") for name in names]
 
-            return keras.remat(block)(x, padding_mask)
+            def block(x, *masks):
+                restored = {name: mask > 0.5 for name, mask in zip(names, masks)}
+                return layer_call(x, **restored, **kwargs)
+
+            return keras.remat(block)(x, *masks)
 
         return call
 

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma import backend
 from keras_gemma.layers.projection import einsum_projection
 
 # In training, sequences longer than a chunk of this many values per example
@@ -24,16 +25,13 @@ def position_chunks(fn, inputs, chunk, shared=()):
     `inputs` (as arguments: TensorFlow's rematerialization drops the
     gradients of captured tensors).
 
-    On JAX the chunks run in `ops.scan` (the last one zero-padded): with a
-    Python loop XLA ran all the recomputations at once and kept a quarter of
-    the saving."""
+    Where `keras_gemma.backend.scan_position_chunks()` says so (JAX), the
+    chunks run in `ops.scan`, the last one zero-padded."""
     length = inputs[0].shape[1]
     body = keras.remat(fn)
-    if keras.config.backend() != "jax":
-        # TensorFlow cannot differentiate the layers' variables through
-        # recompute_grad inside a while loop (Keras' scan): a Python loop of
-        # rematerialized chunks trains. (Eager PyTorch runs the
-        # recomputations one chunk after another either way.)
+    if not backend.scan_position_chunks():
+        # A Python loop of rematerialized chunks (eager PyTorch runs the
+        # recomputations one chunk after another either way).
         outputs = [
             body(*[x[:, start : start + chunk] for x in inputs], *shared)
             for start in range(0, length, chunk)

@@ -8,10 +8,22 @@ from keras_hub.models import Backbone
 
 from keras_gemma.layers.attention import causal_attention_mask
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+from keras_gemma.layers.projection import tied_logits
 from keras_gemma.layers.rms_normalization import RMSNormalization
 from keras_gemma.models import lora
+from keras_gemma.models.backbone_options import check_options
+from keras_gemma.models.backbone_options import check_unknown
+from keras_gemma.models.backbone_options import resolve_layer_types
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+# The constructor arguments `get_config` writes (besides keras.Model's).
+_CONFIG = (
+    "vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
+    "hidden_dim", "intermediate_dim", "head_dim", "query_head_dim_normalize",
+    "query_pre_attn_scalar", "use_post_attention_norm", "use_post_ffw_norm",
+    "layer_norm_epsilon", "rope_max_wavelength", "local_rope_max_wavelength",
+    "rope_scaling_factor", "attention_logit_soft_cap", "final_logit_soft_cap",
+    "use_query_key_norm", "sliding_window_size", "layer_types", "dropout",
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -21,8 +33,8 @@ class GemmaBackbone(Backbone):
     Token embeddings are multiplied by `sqrt(hidden_dim)` (cast to the compute
     dtype, as the released checkpoints expect), run through `num_layers`
     `GemmaDecoderBlock`s and a final RMSNorm. The output projection to the
-    vocabulary is the embedding matrix itself (`token_embedding(x,
-    reverse=True)`), which `GemmaCausalLM` applies.
+    vocabulary is the embedding matrix itself (`logits(hidden_states)`), which
+    `GemmaCausalLM` applies.
 
     The constructor arguments match `keras_hub.models.GemmaBackbone`, so a
     keras-hub user can switch by changing the import. The defaults are Gemma
@@ -44,7 +56,8 @@ class GemmaBackbone(Backbone):
             (True, as Gemma does) or by `(hidden_dim / num_query_heads) ** -0.5`.
         query_pre_attn_scalar: float or None. If given, queries are scaled by
             `query_pre_attn_scalar ** -0.5` instead (transformers' name; Gemma
-            2 27B uses `hidden_dim / num_query_heads`).
+            2 27B uses `hidden_dim / num_query_heads`); then
+            `query_head_dim_normalize=False` is an error (it would be ignored).
         use_post_attention_norm: bool. The paper's RMSNorm on each attention
             output. Off by default: the released checkpoints have none.
         use_post_ffw_norm: bool. The same for each feed-forward output.
@@ -60,13 +73,23 @@ class GemmaBackbone(Backbone):
         final_logit_soft_cap: float or None. The same on output logits (30 in
             Gemma 2).
         use_query_key_norm: bool. RMSNorm on queries and keys (Gemma 3).
-        sliding_window_size: int or None. Window of local attention layers.
+        sliding_window_size: int or None. Window of local attention layers
+            (a query sees the `sliding_window_size` positions up to itself).
         layer_types: list of `"full_attention"` / `"sliding_attention"`, one
             per layer (as transformers' `layer_types`); None means all global.
+        use_sliding_window_attention: bool or None. keras-hub's spelling for
+            Gemma 2: True makes every other layer, from the first, a sliding
+            one (window `sliding_window_size`, default 4096, as keras-hub);
+            with False, `sliding_window_size` is unused, as in keras-hub.
+            Give this or `layer_types`, not both.
         dropout: float. Dropout on the residual branches during training.
         dtype: dtype or `keras.DTypePolicy` for weights and computation, for
             example `"bfloat16"` or `"mixed_bfloat16"`. Norms, softmax and
             RoPE angles run in float32 regardless.
+
+    An unknown argument is a `TypeError`, and an option that would have no
+    effect (a window or local RoPE base without sliding layers, RoPE scaling
+    without global layers) a `ValueError`.
 
     Example:
     ```python
@@ -106,23 +129,26 @@ class GemmaBackbone(Backbone):
         use_query_key_norm=False,
         sliding_window_size=None,
         layer_types=None,
+        use_sliding_window_attention=None,
         dropout=0.0,
         dtype=None,
         **kwargs,
     ):
-        if num_query_heads % num_key_value_heads:
-            raise ValueError(
-                f"num_query_heads ({num_query_heads}) must be a multiple of "
-                f"num_key_value_heads ({num_key_value_heads})."
-            )
-        layer_types = list(layer_types or ["full_attention"] * num_layers)
-        if len(layer_types) != num_layers or not set(layer_types) <= set(LAYER_TYPES):
-            raise ValueError(
-                f"layer_types must list {num_layers} entries, each one of "
-                f"{LAYER_TYPES}; got {layer_types}."
-            )
-        if "sliding_attention" in layer_types and not sliding_window_size:
-            raise ValueError("layer_types has sliding_attention layers: set sliding_window_size.")
+        check_unknown(kwargs)
+        layer_types, sliding_window_size = resolve_layer_types(
+            num_layers, layer_types, use_sliding_window_attention, sliding_window_size
+        )
+        check_options(
+            num_query_heads,
+            num_key_value_heads,
+            layer_types,
+            sliding_window_size=sliding_window_size,
+            local_rope_max_wavelength=local_rope_max_wavelength,
+            rope_scaling_factor=rope_scaling_factor,
+            query_pre_attn_scalar=query_pre_attn_scalar,
+            query_head_dim_normalize=query_head_dim_normalize,
+            dropout=dropout,
+        )
         # === Layers ===
         self.token_embedding = keras.layers.ReversibleEmbedding(
             input_dim=vocabulary_size,
@@ -134,10 +160,9 @@ class GemmaBackbone(Backbone):
             dtype=dtype,
             name="token_embedding",
         )
-        if query_pre_attn_scalar is None:
-            query_pre_attn_scalar = (
-                head_dim if query_head_dim_normalize else hidden_dim / num_query_heads
-            )
+        query_scalar = query_pre_attn_scalar
+        if query_scalar is None:
+            query_scalar = head_dim if query_head_dim_normalize else hidden_dim / num_query_heads
 
         def attention_options(layer_type):
             if layer_type == "sliding_attention":
@@ -157,7 +182,7 @@ class GemmaBackbone(Backbone):
                 num_query_heads=num_query_heads,
                 num_key_value_heads=num_key_value_heads,
                 head_dim=head_dim,
-                query_pre_attn_scalar=query_pre_attn_scalar,
+                query_pre_attn_scalar=query_scalar,
                 use_post_attention_norm=use_post_attention_norm,
                 use_post_ffw_norm=use_post_ffw_norm,
                 layer_norm_epsilon=layer_norm_epsilon,
@@ -177,10 +202,7 @@ class GemmaBackbone(Backbone):
         # === Functional model ===
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-        x = self.embed(token_ids)
-        for block in self.transformer_layers:
-            x = block(x, padding_mask=padding_mask)
-        outputs = self.layer_norm(x)
+        outputs = self._run(token_ids, padding_mask)
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
             outputs=outputs,
@@ -216,18 +238,10 @@ class GemmaBackbone(Backbone):
         return list(lora.DEFAULT_LORA_TARGETS)
 
     def enable_lora(self, rank, alpha=None, target_layer_names=None):
-        """Freezes the backbone and adds trainable LoRA adapters.
-
-        Each target projection learns a rank-`rank` update of its frozen
-        kernel, scaled by `alpha / rank` (Keras' `EinsumDense.enable_lora`).
-
-        Args:
-            rank: int. Rank of every adapter.
-            alpha: float or None. Scale numerator; `None` means `rank`
-                (scale 1).
-            target_layer_names: names of the projections to adapt, among
-                "query", "key", "value", "attention_output", "ffw_gating",
-                "ffw_gating_2" and "ffw_linear"; default query and value.
+        """Freezes the backbone and adds trainable LoRA adapters of rank
+        `rank` to the `target_layer_names` projections (default query and
+        value; any of `lora.LORA_TARGETS`), scaled by `alpha / rank` (`alpha`
+        defaults to `rank`), with Keras' `EinsumDense.enable_lora`.
 
         Example:
         ```python
@@ -242,22 +256,36 @@ class GemmaBackbone(Backbone):
         lora.save_lora_weights(self, filepath)
 
     def load_lora_weights(self, filepath):
-        """Loads adapters written by `save_lora_weights`, under any backend.
-        Enables LoRA with the file's rank, alpha and targets if it is not
-        enabled; otherwise they must match. Any mismatch is an error and
-        nothing is assigned."""
+        """Loads adapters written by `save_lora_weights`, under any backend,
+        enabling LoRA with the file's settings if needed; any mismatch is an
+        error and nothing is assigned."""
         lora.load_lora_weights(self, filepath)
 
     def merge_lora_weights(self):
-        """Adds each adapter into its kernel (`kernel + alpha / rank * a @ b`)
-        and removes the adapters: the backbone is then a plain one, for export
-        or faster inference."""
+        """Adds each adapter into its kernel and removes the adapters."""
         lora.merge_lora_weights(self)
 
     def embed(self, token_ids):
         """Token embeddings times `sqrt(hidden_dim)` in the compute dtype."""
         x = self.token_embedding(token_ids)  # (b, t, d)
         return x * ops.cast(math.sqrt(self.token_embedding.output_dim), x.dtype)
+
+    def logits(self, hidden_states):
+        """Float32 logits `(..., vocabulary_size)` of final hidden states: the
+        tied output projection, soft-capped by `final_logit_soft_cap`."""
+        return tied_logits(self.token_embedding, hidden_states, self.final_logit_soft_cap)
+
+    def call(self, inputs, training=None, layer_intercept_fn=None):
+        """Final hidden states `(batch, seq, hidden_dim)` of
+        `{"token_ids", "padding_mask"}`. `layer_intercept_fn(x, i)`, if given,
+        replaces the activations after the embedding (`i == -1`) and after
+        each block `i` (see `GemmaCausalLM.score`)."""
+        return self._run(
+            inputs["token_ids"],
+            inputs["padding_mask"],
+            training=training,
+            layer_intercept_fn=layer_intercept_fn,
+        )
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Runs `token_ids` at positions `cache_update_index...` over a cache.
@@ -272,21 +300,9 @@ class GemmaBackbone(Backbone):
         Returns:
             `(hidden_states, cache)`: final-normed `(batch, seq, hidden_dim)`
             and the cache with these positions written. On PyTorch, outside
-            autograd, the cache tensors are written in place.
+            autograd, the cache tensors may be written in place.
         """
-        batch, seq = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        masks = self._attention_masks(batch, seq, ops.shape(cache[0])[2], cache_update_index)
-        x = self.embed(token_ids)
-        new_cache = []
-        for block, layer_cache in zip(self.transformer_layers, cache):
-            x, layer_cache = block(
-                x,
-                cache=layer_cache,
-                cache_update_index=cache_update_index,
-                attention_mask=masks[block.sliding_window_size],
-            )
-            new_cache.append(layer_cache)
-        return self.layer_norm(x), tuple(new_cache)
+        return self._run(token_ids, cache=cache, start=cache_update_index)
 
     def prefill(self, token_ids, cache):
         """Writes the keys and values of `token_ids` at positions `0...` into
@@ -294,9 +310,9 @@ class GemmaBackbone(Backbone):
 
         Attention covers just these positions (not the whole preallocated
         cache), and the last block stops after its keys and values: its
-        feed-forward, the final norm and the logits would be thrown away.
-        Positions after a row's padding hold keys of padding tokens; decoding
-        overwrites them before any query can see them.
+        attention, feed-forward, the final norm and the logits would be thrown
+        away. Positions after a row's padding hold keys of padding tokens;
+        decoding overwrites them before any query can see them.
 
         Args:
             token_ids: int `(batch, seq)`, `seq <= cache_len`.
@@ -305,31 +321,56 @@ class GemmaBackbone(Backbone):
         Returns:
             The cache with positions `0...seq - 1` written.
         """
-        batch, seq = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        masks = self._attention_masks(batch, seq, seq, 0)
-        x = self.embed(token_ids)
+        return self._run(token_ids, cache=cache, fill_cache_only=True)
+
+    def _run(
+        self,
+        token_ids,
+        padding_mask=None,
+        cache=None,
+        start=0,
+        fill_cache_only=False,
+        training=None,
+        layer_intercept_fn=None,
+    ):
+        """The one forward loop: embed, the blocks, the final norm. Without a
+        cache it returns the hidden states (symbolic tensors build the
+        functional graph); with one, `(hidden_states, cache)`, or just the
+        cache for a prefill (`fill_cache_only`)."""
+        intercept = layer_intercept_fn or (lambda x, i: x)
+        x = intercept(self.embed(token_ids), -1)
+        batch, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        key_len = length if cache is None or fill_cache_only else ops.shape(cache[0])[2]
+        masks = self._attention_masks(token_ids, batch, length, key_len, start, padding_mask)
         new_cache = []
         last = len(self.transformer_layers) - 1
-        for i, (block, layer_cache) in enumerate(zip(self.transformer_layers, cache)):
+        for i, block in enumerate(self.transformer_layers):
             mask = masks[block.sliding_window_size]
-            if i < last:
-                x, layer_cache = block(
-                    x, cache=layer_cache, cache_update_index=0, attention_mask=mask
-                )
+            # A symbolic graph has no mask yet: each block builds its own.
+            masking = {"padding_mask": padding_mask} if mask is None else {"attention_mask": mask}
+            if cache is None:
+                x = block(x, training=training, **masking)
+            elif fill_cache_only and i == last:
+                new_cache.append(block.fill_cache(x, cache[i], start))
             else:
-                h = block.pre_attention_norm(x)
-                _, layer_cache = block.attention(
-                    h, attention_mask=mask, cache=layer_cache, cache_update_index=0
-                )
-            new_cache.append(layer_cache)
-        return tuple(new_cache)
+                x, layer_cache = block(x, cache=cache[i], cache_update_index=start, **masking)
+                new_cache.append(layer_cache)
+            x = intercept(x, i)
+        if fill_cache_only:
+            return tuple(new_cache)
+        x = self.layer_norm(x)
+        return x if cache is None else (x, tuple(new_cache))
 
-    def _attention_masks(self, batch, query_len, key_len, start):
+    def _attention_masks(self, token_ids, batch, query_len, key_len, start, padding_mask):
         """The causal mask of each attention window in use, built once for
-        all blocks: `{None: global, sliding_window_size: local}`."""
+        all blocks: `{None: global, sliding_window_size: local}` (values None
+        while building the symbolic graph)."""
+        windows = {block.sliding_window_size for block in self.transformer_layers}
+        if isinstance(token_ids, keras.KerasTensor):
+            return dict.fromkeys(windows)
         return {
-            window: causal_attention_mask(batch, query_len, key_len, start, None, window)
-            for window in {block.sliding_window_size for block in self.transformer_layers}
+            window: causal_attention_mask(batch, query_len, key_len, start, padding_mask, window)
+            for window in windows
         }
 
     def init_cache(self, batch_size, cache_len):
@@ -366,29 +407,5 @@ class GemmaBackbone(Backbone):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "vocabulary_size": self.vocabulary_size,
-                "num_layers": self.num_layers,
-                "num_query_heads": self.num_query_heads,
-                "num_key_value_heads": self.num_key_value_heads,
-                "hidden_dim": self.hidden_dim,
-                "intermediate_dim": self.intermediate_dim,
-                "head_dim": self.head_dim,
-                "query_head_dim_normalize": self.query_head_dim_normalize,
-                "query_pre_attn_scalar": self.query_pre_attn_scalar,
-                "use_post_attention_norm": self.use_post_attention_norm,
-                "use_post_ffw_norm": self.use_post_ffw_norm,
-                "layer_norm_epsilon": self.layer_norm_epsilon,
-                "rope_max_wavelength": self.rope_max_wavelength,
-                "local_rope_max_wavelength": self.local_rope_max_wavelength,
-                "rope_scaling_factor": self.rope_scaling_factor,
-                "attention_logit_soft_cap": self.attention_logit_soft_cap,
-                "final_logit_soft_cap": self.final_logit_soft_cap,
-                "use_query_key_norm": self.use_query_key_norm,
-                "sliding_window_size": self.sliding_window_size,
-                "layer_types": self.layer_types,
-                "dropout": self.dropout,
-            }
-        )
+        config.update({name: getattr(self, name) for name in _CONFIG})
         return config

@@ -1,8 +1,8 @@
 """Packs text for Gemma: `<bos>` + tokens (+ `<eos>`), labels shifted by one."""
 
 import keras
+from keras import ops
 from keras_hub.models import CausalLMPreprocessor
-from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_tokenizer import GemmaTokenizer
@@ -56,50 +56,49 @@ class GemmaCausalLMPreprocessor(CausalLMPreprocessor):
 
         return convert.from_preset(cls, preset, super().from_preset, config_file=config_file, **kwargs)
 
-    # Set for one call by `GemmaCausalLM.generate(truncate_prompt=...)`.
-    truncate_prompt = False
-
-    @preprocessing_function
-    def generate_preprocess(self, x, sequence_length=None):
+    def generate_preprocess(self, x, sequence_length=None, truncate_prompt=False):
         """Tokenizes and packs prompts for `generate`: `<bos>`, no `<eos>`,
-        right-padded to `sequence_length`.
+        right-padded to `sequence_length` (default: `self.sequence_length`).
 
-        A prompt that leaves no room for a new token is an error naming its
-        length, unless `truncate_prompt` is set: then its oldest tokens are
-        dropped to leave room for `sequence_length // 4` new tokens (at least
-        one), and `<bos>` is kept.
+        `x` is a string or a batch of them (a list, a numpy array, a tensor);
+        the result is `{"token_ids", "padding_mask"}`, one row per prompt
+        (unbatched for one string). A prompt that leaves no room for a new
+        token is an error naming its length, unless `truncate_prompt` is set:
+        then its oldest tokens are dropped to leave room for
+        `sequence_length // 4` new tokens (at least one), and `<bos>` is kept.
         """
-        if not self.built:
-            self.build(None)
+        import numpy as np
+
         sequence_length = sequence_length or self.sequence_length
-        token_ids = self.tokenizer(x)
-        if hasattr(token_ids, "row_lengths"):  # a tf.RaggedTensor batch
-            lengths = [int(n) for n in token_ids.row_lengths()]
-        elif hasattr(token_ids, "shape") and len(token_ids.shape) == 1:
-            lengths = [int(token_ids.shape[0])]
-        else:  # python lists from the SentencePiece fallback
-            lengths = [len(row) for row in token_ids]
-        start = int(self.add_start_token)
-        longest = max(lengths, default=0) + start
+        prompts = np.asarray(x, dtype=object)
+        rows = [
+            np.asarray(self.tokenizer(p.decode("utf-8") if isinstance(p, bytes) else p), "int32")
+            for p in prompts.reshape(-1)
+        ]
+        start = [self.tokenizer.start_token_id] if self.add_start_token else []
+        longest = max((len(row) for row in rows), default=0) + len(start)
         if longest >= sequence_length:
-            if not self.truncate_prompt:
+            if not truncate_prompt:
                 raise ValueError(
                     f"A prompt is {longest} tokens long (with <bos>), which "
                     f"leaves no room to generate within max_length={sequence_length}. "
                     "Pass a larger `max_length`, shorten the prompt, or pass "
                     "`truncate_prompt=True` to keep only its end."
                 )
-            keep = sequence_length - start - max(1, sequence_length // 4)
-            if isinstance(token_ids, list):
-                token_ids = [row[-keep:] for row in token_ids]
-            elif len(token_ids.shape) == 1:  # one prompt
-                token_ids = token_ids[-keep:]
-            else:
-                token_ids = token_ids[:, -keep:]
-        token_ids, padding_mask = self.packer(
-            token_ids, sequence_length=sequence_length, add_end_value=False
-        )
-        return {"token_ids": token_ids, "padding_mask": padding_mask}
+            keep = max(0, sequence_length - len(start) - max(1, sequence_length // 4))
+            rows = [row[len(row) - min(keep, len(row)) :] for row in rows]
+        token_ids = np.full((len(rows), sequence_length), self.tokenizer.pad_token_id, "int32")
+        padding_mask = np.zeros((len(rows), sequence_length), bool)
+        for i, row in enumerate(rows):
+            ids = start + row.tolist()
+            token_ids[i, : len(ids)] = ids
+            padding_mask[i, : len(ids)] = True
+        if prompts.ndim == 0:
+            token_ids, padding_mask = token_ids[0], padding_mask[0]
+        return {
+            "token_ids": ops.convert_to_tensor(token_ids),
+            "padding_mask": ops.convert_to_tensor(padding_mask),
+        }
 
     def preprocess_conversations(self, conversations, sequence_length=None, truncate=False):
         """Chat fine-tuning data: the loss only on the model's replies.

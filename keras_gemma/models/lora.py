@@ -9,7 +9,6 @@ metadata: it loads under any backend.
 
 import json
 
-import keras
 import numpy as np
 from keras import ops
 
@@ -37,6 +36,15 @@ _SHAPE_KEYS = (
 )
 
 
+def projections(backbone):
+    """Every projection LoRA can target, block by block (named as in
+    `LORA_TARGETS`)."""
+    for block in backbone.transformer_layers:
+        attention, ffw = block.attention, block.feed_forward
+        yield from (attention.query_dense, attention.key_dense, attention.value_dense)
+        yield from (attention.output_dense, ffw.gate, ffw.up, ffw.down)
+
+
 def target_layers(backbone, names):
     """The backbone's projection layers named in `names`, in layer order."""
     unknown = sorted(set(names) - set(LORA_TARGETS))
@@ -44,11 +52,7 @@ def target_layers(backbone, names):
         raise ValueError(
             f"Unknown LoRA target layer names {unknown}; choose from {list(LORA_TARGETS)}."
         )
-    return [
-        layer
-        for layer in backbone._flatten_layers(include_self=False)
-        if layer.name in names and isinstance(layer, keras.layers.EinsumDense)
-    ]
+    return [layer for layer in projections(backbone) if layer.name in names]
 
 
 def enable_lora(backbone, rank, alpha=None, target_layer_names=None):
@@ -76,8 +80,7 @@ def enable_lora(backbone, rank, alpha=None, target_layer_names=None):
     alpha = float(rank if alpha is None else alpha)
     # Freeze everything, then train only the adapters (Keras' enable_lora
     # also freezes each target's own kernel).
-    backbone.trainable = True
-    for layer in backbone._flatten_layers(include_self=False):
+    for layer in (backbone.token_embedding, *backbone.transformer_layers, backbone.layer_norm):
         layer.trainable = False
     for layer in layers:
         layer.trainable = True
@@ -181,10 +184,7 @@ def load_lora_weights(backbone, path):
 def merge_lora_weights(backbone):
     """Folds each adapter into its kernel and removes the adapters."""
     _require_lora(backbone)
-    layers = [
-        layer for layer in backbone._flatten_layers(include_self=False)
-        if isinstance(layer, keras.layers.EinsumDense) and layer.lora_enabled
-    ]
+    layers = [layer for layer in projections(backbone) if layer.lora_enabled]
     quantized = [layer.path for layer in layers if layer.quantization_mode is not None]
     if quantized:
         raise ValueError(
@@ -192,15 +192,16 @@ def merge_lora_weights(backbone):
             "merge into a float copy of the base weights instead."
         )
     for layer in layers:
+        # Keras has no public way to remove an adapter: its kernel variable
+        # (`_kernel`) takes the merged value, and the adapter variables are
+        # untracked (keras_gemma/README.md lists this private state).
         merged = layer.kernel  # Keras adds (alpha / rank) * a @ b here
         layer._kernel.assign(merged)
-        layer._kernel.trainable = True  # enable_lora froze it
         a, b = layer.lora_kernel_a, layer.lora_kernel_b
         layer.lora_enabled = False
         layer.lora_kernel_a = layer.lora_kernel_b = None
         layer._untrack_variable(a)
         layer._untrack_variable(b)
         layer.lora_rank = None
-    for layer in backbone._flatten_layers(include_self=True):
-        layer.trainable = True
+    backbone.trainable = True  # every layer and variable, enable_lora's frozen kernels too
     backbone._lora_rank = backbone._lora_alpha = backbone._lora_targets = None

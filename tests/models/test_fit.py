@@ -25,13 +25,30 @@ def _lm(tokenizer, seed=0, **config):
     return lm
 
 
+def full_logits_loss(y_true, logits):
+    """Keras' plain sparse cross-entropy as a function: `compile` keeps it,
+    and fit trains from full logits (the reference)."""
+    return keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
+
+
+FULL_LOGITS = lambda: dict(  # noqa: E731
+    loss=full_logits_loss, weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()]
+)
+
+
+def uses_chunked_loss(lm):
+    """Whether fit trains from hidden states (the chunked loss): the
+    training forward pass returns them instead of logits."""
+    x, _, _ = lm.preprocessor(TEXTS[:2])
+    return lm(x, training=True).shape[-1] == lm.backbone.hidden_dim
+
+
 def _train(lm, chunked, texts=TEXTS, epochs=2, **compile_kwargs):
-    lm.compile(optimizer=keras.optimizers.SGD(0.5), **compile_kwargs)
     if not chunked:
-        lm._chunked_loss_applies = lambda: False
+        compile_kwargs = {**FULL_LOGITS(), **compile_kwargs}
+    lm.compile(optimizer=keras.optimizers.SGD(0.5), **compile_kwargs)
     history = lm.fit(texts, batch_size=2, epochs=epochs, shuffle=False, verbose=0)
-    used = lm._hidden_states_for_loss
-    return history.history, [to_numpy(w) for w in lm.trainable_weights], used
+    return history.history, [to_numpy(w) for w in lm.trainable_weights], uses_chunked_loss(lm)
 
 
 @pytest.mark.parametrize("config", [{}, {"final_logit_soft_cap": 3.0}], ids=["plain", "soft_cap"])
@@ -49,6 +66,9 @@ def test_chunked_loss_trains_exactly_like_full_logits(tokenizer, config):
 
 def test_other_losses_and_metrics_train_from_full_logits(tokenizer):
     lm = _lm(tokenizer)
+    _, _, used = _train(lm, chunked=False, epochs=1)
+    assert not used
+    lm = _lm(tokenizer)
     _, _, used = _train(
         lm, chunked=True, epochs=1,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
@@ -60,6 +80,55 @@ def test_other_losses_and_metrics_train_from_full_logits(tokenizer):
     lm = _lm(tokenizer)
     _, _, used = _train(lm, chunked=True, epochs=1, weighted_metrics=[])
     assert used
+    # keras-hub's usual spelling of the default is the default.
+    lm = _lm(tokenizer)
+    _, _, used = _train(
+        lm, chunked=True, epochs=1,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
+    )
+    assert used
+
+
+@pytest.mark.parametrize("setting", ["float32", "mixed_bfloat16", "int8_lora"])
+def test_fit_reports_the_loss_evaluate_reports(tokenizer, setting):
+    """At learning rate 0, the loss and accuracy `fit` reports (the chunked
+    loss from hidden states) are `evaluate`'s on the same batch (full
+    logits), quantized or not; and the chunked loss is the full-logits
+    loss."""
+    if setting == "mixed_bfloat16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
+
+    def model():
+        lm = _lm(tokenizer)
+        if setting == "int8_lora":
+            lm.quantize("int8")
+            lm.backbone.enable_lora(2)
+        return lm
+
+    texts = TEXTS[:2]
+    lm = model()
+    lm.compile(optimizer=keras.optimizers.SGD(0.0))
+    fitted = lm.fit(texts, batch_size=2, epochs=1, shuffle=False, verbose=0).history
+    assert uses_chunked_loss(lm)
+    evaluated = lm.evaluate(texts, batch_size=2, verbose=0, return_dict=True)
+    plain = model()
+    plain.compile(optimizer=keras.optimizers.SGD(0.0), **FULL_LOGITS())
+    plain_fitted = plain.fit(texts, batch_size=2, epochs=1, shuffle=False, verbose=0).history
+    assert not uses_chunked_loss(plain)
+    for name in ("loss", "sparse_categorical_accuracy"):
+        np.testing.assert_allclose(fitted[name][0], evaluated[name], rtol=1e-4)
+        np.testing.assert_allclose(fitted[name][0], plain_fitted[name][0], rtol=1e-4)
+    assert 1.0 < fitted["loss"][0] < 20.0  # a cross-entropy over 384 tokens
+
+
+def test_the_default_compile_trains_with_the_chunked_loss(tokenizer):
+    """keras-hub's constructor compiles the model: fit without a compile()
+    call trains with the chunked loss and reports its accuracy."""
+    lm = _lm(tokenizer)
+    assert uses_chunked_loss(lm)
+    history = lm.fit(TEXTS, batch_size=2, epochs=1, verbose=0).history
+    assert set(history) == {"loss", "sparse_categorical_accuracy"}
 
 
 def test_fit_takes_strings_lists_datasets_and_tensors(tokenizer):
@@ -86,7 +155,7 @@ def test_fit_under_mixed_bfloat16(tokenizer):
     assert lm.backbone.compute_dtype == "bfloat16"
     lm.compile(optimizer=keras.optimizers.Adam(1e-2))
     losses = lm.fit(TEXTS, batch_size=2, epochs=6, verbose=0).history["loss"]
-    assert lm._hidden_states_for_loss
+    assert uses_chunked_loss(lm)
     assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
 
 

@@ -66,31 +66,107 @@ def test_preset_architecture_without_weights():
     assert backbone.hidden_dim == 2048 and backbone.head_dim == 256
 
 
-def test_same_logits_as_keras_hub_gemma():
-    """keras-hub's GemmaBackbone with the same (random) weights copied across."""
+def keras_hub_pair(seed, **config):
+    """keras_gemma's and keras-hub's GemmaCausalLM on the same config, with
+    keras-hub's random weights copied across."""
     import keras_hub
 
+    ours = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**config))
+    theirs = keras_hub.models.GemmaCausalLM(
+        backbone=keras_hub.models.GemmaBackbone(**config), preprocessor=None
+    )
+    randomize(theirs.backbone, seed=seed)
+    by_path = {w.path: w for w in theirs.backbone.weights}
+    assert len(by_path) == len(ours.backbone.weights)
+    for w in ours.backbone.weights:
+        # keras_gemma groups the feed-forward kernels in one sub-layer and
+        # lays kernels out (inputs, outputs): see attention.py.
+        value = to_numpy(by_path[w.path.replace("feed_forward/", "")])
+        if w.path.endswith(("query/kernel", "key/kernel", "value/kernel")):
+            value = value.transpose(1, 0, 2)  # (heads, d, h) -> (d, heads, h)
+        if w.path.endswith("ffw_linear/kernel"):
+            value = value.T  # (f, d) -> (d, f)
+        w.assign(value)
+    return ours, theirs
+
+
+def test_same_logits_as_keras_hub_gemma():
+    """keras-hub's GemmaBackbone with the same (random) weights copied across."""
     for kv_heads in (1, 2, 4):
-        config = {**TINY, "num_key_value_heads": kv_heads}
-        ours = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**config))
-        theirs = keras_hub.models.GemmaCausalLM(
-            backbone=keras_hub.models.GemmaBackbone(**config), preprocessor=None
-        )
-        randomize(theirs.backbone, seed=kv_heads)
-        by_path = {w.path: w for w in theirs.backbone.weights}
-        assert len(by_path) == len(ours.backbone.weights)
-        for w in ours.backbone.weights:
-            # keras_gemma groups the feed-forward kernels in one sub-layer and
-            # lays kernels out (inputs, outputs): see attention.py.
-            value = to_numpy(by_path[w.path.replace("feed_forward/", "")])
-            if w.path.endswith(("query/kernel", "key/kernel", "value/kernel")):
-                value = value.transpose(1, 0, 2)  # (heads, d, h) -> (d, heads, h)
-            if w.path.endswith("ffw_linear/kernel"):
-                value = value.T  # (f, d) -> (d, f)
-            w.assign(value)
+        ours, theirs = keras_hub_pair(kv_heads, **{**TINY, "num_key_value_heads": kv_heads})
         valid = INPUTS["padding_mask"].astype(bool)
         expected = to_numpy(theirs(INPUTS))[valid]
         np.testing.assert_allclose(to_numpy(ours(INPUTS))[valid], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_keras_hub_gemma2_sliding_window_arguments():
+    """keras-hub's Gemma 2 spelling (`use_sliding_window_attention`,
+    `sliding_window_size`) means what it means there: keras-hub's logits and
+    greedy tokens, with a window shorter than the sequence."""
+    config = dict(
+        TINY, num_layers=3, use_sliding_window_attention=True, sliding_window_size=3,
+        use_post_attention_norm=True, use_post_ffw_norm=True,
+        attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0,
+    )
+    ours, theirs = keras_hub_pair(7, **config)
+    assert ours.backbone.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    inputs = {
+        "token_ids": np.array([list(range(5, 17)), list(range(40, 49)) + [0, 0, 0]]),
+        "padding_mask": np.array([[1] * 12, [1] * 9 + [0] * 3]),
+    }
+    valid = inputs["padding_mask"].astype(bool)
+    expected = to_numpy(theirs(inputs))[valid]
+    np.testing.assert_allclose(to_numpy(ours(inputs))[valid], expected, atol=1e-5, rtol=1e-5)
+    # Without the window the outputs differ from the window on: it is live.
+    full = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**{**config, "use_sliding_window_attention": False}))
+    full.set_weights(ours.get_weights())
+    assert np.abs(to_numpy(full(inputs))[valid] - expected).max() > 1e-3
+    prompts = {"token_ids": np.array([[2, 17, 42, 9] + [0] * 10]), "padding_mask": np.array([[1] * 4 + [0] * 10])}
+    theirs.compile(sampler="greedy")
+    ours.compile(sampler="greedy")
+    np.testing.assert_array_equal(
+        ours.generate(prompts, stop_token_ids=None)["token_ids"],
+        to_numpy(theirs.generate(prompts, stop_token_ids=None)["token_ids"]),
+    )
+
+
+def test_unknown_and_ignored_arguments_are_errors():
+    with pytest.raises(TypeError, match="totally_bogus_argument"):
+        keras_gemma.GemmaBackbone(**TINY, totally_bogus_argument=123)
+    ignored = [
+        ({"sliding_window_size": 3}, "sliding_window_size=3 would have no effect"),
+        ({"local_rope_max_wavelength": 10.0}, "local_rope_max_wavelength=10.0 would have no effect"),
+        (
+            {"layer_types": ["sliding_attention"] * 2, "sliding_window_size": 3, "rope_scaling_factor": 8.0},
+            "rope_scaling_factor=8.0 would have no effect",
+        ),
+        ({"query_pre_attn_scalar": 8.0, "query_head_dim_normalize": False}, "query_head_dim_normalize=False"),
+        ({"use_sliding_window_attention": True, "layer_types": ["full_attention"] * 2}, "not both"),
+        ({"dropout": 1.5}, "dropout"),
+    ]
+    for options, message in ignored:
+        with pytest.raises(ValueError, match=message):
+            keras_gemma.GemmaBackbone(**TINY, **options)
+    # keras-hub's configs always carry a window size; without sliding layers
+    # it is unused there, and accepted here in that spelling.
+    backbone = keras_gemma.GemmaBackbone(
+        **TINY, use_sliding_window_attention=False, sliding_window_size=4096
+    )
+    assert backbone.layer_types == ["full_attention"] * 2
+
+
+def test_query_head_dim_normalize_survives_a_config_round_trip():
+    backbone = keras_gemma.GemmaBackbone(**TINY, query_head_dim_normalize=False)
+    randomize(backbone)
+    config = backbone.get_config()
+    assert config["query_pre_attn_scalar"] is None
+    outputs = {}
+    for normalize in (False, True):
+        clone = keras_gemma.GemmaBackbone.from_config({**config, "query_head_dim_normalize": normalize})
+        clone.set_weights(backbone.get_weights())
+        outputs[normalize] = to_numpy(clone(INPUTS))
+    np.testing.assert_array_equal(outputs[False], to_numpy(backbone(INPUTS)))
+    assert np.abs(outputs[True] - outputs[False]).max() > 1e-3
 
 
 def test_config_round_trip():

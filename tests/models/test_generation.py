@@ -8,7 +8,7 @@ import pytest
 
 import keras_gemma
 from helpers import to_numpy
-from keras_gemma.models.gemma_causal_lm import prefill_bucket
+from keras_gemma.generation import prefill_bucket
 from test_gemma_causal_lm import full_forward_greedy, make_lm
 
 PROMPT = "The quick brown fox"

@@ -1,5 +1,6 @@
 """The chunked loss against the plain one: values and gradients (the plain
-gradients come from the backend's automatic differentiation)."""
+gradients come from the backend's automatic differentiation of Keras' own
+loss on full logits)."""
 
 import keras
 import numpy as np
@@ -8,7 +9,7 @@ from helpers import to_numpy
 from helpers import value_and_grads
 from keras import ops
 
-from keras_gemma.models.cross_entropy import chunked_cross_entropy
+from keras_gemma.training import chunked_cross_entropy
 
 
 def plain_cross_entropy(logits, labels, sample_weight):
@@ -29,11 +30,29 @@ def _problem(seed=0, batch=2, seq=7, hidden=8, vocabulary=23):
     return hidden_states, embeddings, labels, weights
 
 
+def _embedding(embeddings, trainable=True):
+    layer = keras.layers.ReversibleEmbedding(*embeddings.shape, tie_weights=True)
+    layer.build(None)
+    layer.embeddings.assign(embeddings)
+    layer.trainable = trainable
+    return layer
+
+
 def _plain(hidden_states, embeddings, labels, weights, soft_cap):
     logits = ops.einsum("btd,vd->btv", hidden_states, embeddings)
     if soft_cap is not None:
         logits = ops.tanh(logits / soft_cap) * soft_cap
     return plain_cross_entropy(logits, labels, weights)
+
+
+def _chunked(layer, labels, weights, soft_cap=None, chunk_size=None):
+    """`fn(h, e)`: the chunked totals with the layer's table read as `e`."""
+
+    def fn(h, e):
+        with keras.StatelessScope(state_mapping=[(layer.embeddings, e)]):
+            return chunked_cross_entropy(layer, h, labels, weights, soft_cap, chunk_size)
+
+    return fn
 
 
 @pytest.mark.parametrize("soft_cap", [None, 2.0])
@@ -42,21 +61,17 @@ def test_values_and_gradients_equal_the_plain_loss(soft_cap, chunk_size):
     hidden_states, embeddings, labels, weights = _problem()
     # Confident predictions somewhere, so the accuracy count is not trivially 0.
     hidden_states[0, :3] = embeddings[labels[0, :3]] * 3
-
-    def chunked(h, e):
-        return chunked_cross_entropy(h, e, labels, weights, soft_cap, chunk_size=chunk_size)[0]
+    chunked = _chunked(_embedding(embeddings), labels, weights, soft_cap, chunk_size)
 
     def plain(h, e):
         return _plain(h, e, labels, weights, soft_cap)[0]
 
-    totals = to_numpy(
-        chunked_cross_entropy(hidden_states, embeddings, labels, weights, soft_cap, chunk_size=chunk_size)
-    )
+    totals = to_numpy(chunked(hidden_states, embeddings))
     expected = to_numpy(_plain(hidden_states, embeddings, labels, weights, soft_cap))
     np.testing.assert_allclose(totals, expected, rtol=1e-5, atol=1e-5)
     assert expected[1] >= 3  # the accuracy count is exercised
 
-    value, (grad_h, grad_e) = value_and_grads(chunked, hidden_states, embeddings)
+    value, (grad_h, grad_e) = value_and_grads(lambda h, e: chunked(h, e)[0], hidden_states, embeddings)
     plain_value, (plain_h, plain_e) = value_and_grads(plain, hidden_states, embeddings)
     np.testing.assert_allclose(value, plain_value, rtol=1e-5)
     np.testing.assert_allclose(grad_h, plain_h, rtol=1e-4, atol=1e-5)
@@ -79,9 +94,10 @@ def test_torch_compile_equals_eager():
     labels, weights = ops.convert_to_tensor(labels), ops.convert_to_tensor(weights)
     layer = Projection("btd,df->btf", output_shape=(None, hidden_states.shape[-1]))
     layer.build(hidden_states.shape)
+    chunked = _chunked(_embedding(embeddings), labels, weights, soft_cap=2.0)
 
     def loss(h, e):
-        return chunked_cross_entropy(layer(h), e, labels, weights, soft_cap=2.0)[0]
+        return chunked(layer(h), e)[0]
 
     value, grads = value_and_grads(loss, hidden_states, embeddings)
     torch._dynamo.reset()
@@ -95,11 +111,10 @@ def test_torch_compile_equals_eager():
 
 def test_frozen_embeddings_give_the_same_hidden_gradient():
     hidden_states, embeddings, labels, weights = _problem(seed=1)
+    layer = _embedding(embeddings, trainable=False)
 
     def chunked(h):
-        return chunked_cross_entropy(
-            h, embeddings, labels, weights, train_embeddings=False, chunk_size=4
-        )[0] * 0.5
+        return chunked_cross_entropy(layer, h, labels, weights, chunk_size=4)[0] * 0.5
 
     def plain(h):
         return _plain(h, embeddings, labels, weights, None)[0] * 0.5
@@ -108,6 +123,41 @@ def test_frozen_embeddings_give_the_same_hidden_gradient():
     plain_value, (plain_grad,) = value_and_grads(plain, hidden_states)
     np.testing.assert_allclose(value, plain_value, rtol=1e-5)
     np.testing.assert_allclose(grad, plain_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+def test_int8_table_loss_equals_keras_quantized_logits(soft_cap):
+    """An int8 table: the chunked loss equals Keras' own quantized logits'
+    loss, and its hidden-state gradient is the straight-through one, the
+    gradient of the same loss on the dequantized float table (what Keras'
+    quantized layers give their inputs)."""
+    hidden_states, embeddings, labels, weights = _problem(seed=3)
+    layer = _embedding(embeddings, trainable=False)
+    layer.quantize("int8")
+    quantized_logits = layer(hidden_states, reverse=True)
+    if soft_cap is not None:
+        quantized_logits = ops.tanh(quantized_logits / soft_cap) * soft_cap
+    expected = to_numpy(plain_cross_entropy(quantized_logits, labels, weights))
+    totals = to_numpy(chunked_cross_entropy(layer, hidden_states, labels, weights, soft_cap, 4))
+    np.testing.assert_allclose(totals, expected, rtol=1e-6, atol=1e-6)
+
+    scale = to_numpy(layer.embeddings_scale)
+    dequantized = to_numpy(layer.embeddings).astype("float32") / scale[:, None]
+    assert np.abs(dequantized - embeddings).max() < 0.02 * np.abs(embeddings).max()
+
+    def chunked(h):
+        return chunked_cross_entropy(layer, h, labels, weights, soft_cap, 4)[0]
+
+    # Straight through: the softmax of the quantized logits, carried back
+    # through the cap and the dequantized table.
+    logits = to_numpy(quantized_logits)
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    logit_grad = (probabilities - np.eye(embeddings.shape[0])[labels]) * weights[..., None]
+    if soft_cap is not None:
+        logit_grad *= 1.0 - (logits / soft_cap) ** 2
+    _, (grad,) = value_and_grads(chunked, hidden_states)
+    np.testing.assert_allclose(grad, logit_grad @ dequantized, rtol=1e-4, atol=1e-5)
 
 
 def test_accuracy_breaks_ties_like_argmax():
@@ -122,7 +172,8 @@ def test_accuracy_breaks_ties_like_argmax():
         hidden_states[:, t] = embeddings[5] * 4
     labels[0] = [5, 9, 17, 5, 3, 9]
     labels[1] = [9, 5, 5, 22, 17, 5]
-    totals = to_numpy(chunked_cross_entropy(hidden_states, embeddings, labels, weights, chunk_size=4))
+    layer = _embedding(embeddings, trainable=False)
+    totals = to_numpy(chunked_cross_entropy(layer, hidden_states, labels, weights, chunk_size=4))
     expected = to_numpy(_plain(hidden_states, embeddings, labels, weights, None))
     assert expected[1] == 5  # the five labels 5, the first of the tied rows
     np.testing.assert_allclose(totals, expected, rtol=1e-5)
