@@ -111,7 +111,6 @@ def tied_logits(embedding, hidden_states, soft_cap=None, embeddings=None):
     if (
         embedding.quantization_mode is not None
         or embedding.lora_enabled
-        or not backend.speed_routes_enabled()
         # Building the functional model: the layer call goes into its graph
         # (an op on the variable here would capture its current value).
         or isinstance(hidden_states, keras.KerasTensor)
@@ -122,9 +121,11 @@ def tied_logits(embedding, hidden_states, soft_cap=None, embeddings=None):
         logits = backend.projection_matmul(hidden_states, table, 1, False)
         if logits is None:
             dtype = embedding.compute_dtype
-            logits = ops.einsum(
-                "...d,vd->...v", ops.cast(hidden_states, dtype), ops.cast(table, dtype)
-            )  # (..., vocabulary)
+            hidden_states, table = ops.cast(hidden_states, dtype), ops.cast(table, dtype)
+            if backend.speed_routes_enabled():
+                logits = ops.einsum("...d,vd->...v", hidden_states, table)  # (..., vocabulary)
+            else:  # what the layer's reverse call computes
+                logits = ops.matmul(hidden_states, ops.transpose(table))
     # float32: the softmax and the loss need it whatever the compute dtype.
     logits = ops.cast(logits, "float32")
     if soft_cap is not None:

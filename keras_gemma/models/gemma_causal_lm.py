@@ -9,7 +9,7 @@ from keras_hub.models import CausalLM
 from keras_gemma import backend
 from keras_gemma import chat
 from keras_gemma import generation
-from keras_gemma import training
+from keras_gemma import training as chunked_training
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 
@@ -99,11 +99,9 @@ class GemmaCausalLM(CausalLM):
         sampler="greedy",
         **kwargs,
     ):
-        """keras-hub's `CausalLM.compile`. The default loss and metric train
-        through `keras_gemma.training`'s chunked cross-entropy (see
-        `training.objective`); `jit_compile="auto"` turns on XLA for
-        TensorFlow training (`keras_gemma.backend.training_jit_compile`)."""
-        loss, weighted_metrics, self._objective = training.objective(
+        """keras-hub's `CausalLM.compile`; the default loss and metric train
+        with `keras_gemma.training`'s chunked cross-entropy."""
+        loss, weighted_metrics, self._objective = chunked_training.objective(
             loss, weighted_metrics, kwargs
         )
         kwargs["jit_compile"] = backend.training_jit_compile(kwargs.get("jit_compile", "auto"))
@@ -152,17 +150,7 @@ class GemmaCausalLM(CausalLM):
         """`keras.Model.fit` on the preprocessor's inputs (strings, `tf.data`)
         or preprocessed tensors, as in keras-hub; or on conversations (lists
         of `{"role", "content"}` messages), with the loss only on the model's
-        replies (`GemmaCausalLMPreprocessor.preprocess_conversations`).
-
-        Example:
-        ```python
-        chats = [[
-            {"role": "user", "content": "Name a primary color."},
-            {"role": "model", "content": "Red."},
-        ]]
-        gemma_lm.fit(chats, batch_size=1, epochs=3)
-        ```
-        """
+        replies (`GemmaCausalLMPreprocessor.preprocess_conversations`)."""
         if chat.is_conversations(x):
             x, y, sample_weight = chat.conversation_data(self, x, y, sample_weight)
             # Already packed: skip the string pipeline of keras-hub's fit.
@@ -172,10 +160,9 @@ class GemmaCausalLM(CausalLM):
         return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """`keras.Model.quantize` over the layers that can be quantized (with
-        weights and a `quantize` method of their own: Keras would refuse the
-        whole model for the preprocessor's unbuilt tokenizer and warn for each
-        norm), with Keras' meaning of `filters`."""
+        """`keras.Model.quantize` (Keras' `filters`) over the layers that have
+        weights and a `quantize` of their own: Keras would refuse the model for
+        the preprocessor's unbuilt tokenizer and warn for each norm."""
 
         def network_only(layer):
             if not layer.weights or type(layer).quantize is keras.layers.Layer.quantize:

@@ -197,11 +197,15 @@ def merge_lora_weights(backbone):
         # untracked (keras_gemma/README.md lists this private state).
         merged = layer.kernel  # Keras adds (alpha / rank) * a @ b here
         layer._kernel.assign(merged)
+        layer._kernel.trainable = True  # enable_lora froze it
         a, b = layer.lora_kernel_a, layer.lora_kernel_b
         layer.lora_enabled = False
         layer.lora_kernel_a = layer.lora_kernel_b = None
         layer._untrack_variable(a)
         layer._untrack_variable(b)
         layer.lora_rank = None
-    backbone.trainable = True  # every layer and variable, enable_lora's frozen kernels too
+    # Unfreeze what enable_lora froze. (Setting `backbone.trainable = True` on
+    # a backbone that is already trainable does nothing on TensorFlow.)
+    for layer in (backbone.token_embedding, *backbone.transformer_layers, backbone.layer_norm):
+        layer.trainable = True
     backbone._lora_rank = backbone._lora_alpha = backbone._lora_targets = None
