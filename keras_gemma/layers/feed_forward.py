@@ -25,13 +25,12 @@ def position_chunks(fn, inputs, chunk, shared=()):
     `inputs` (as arguments: TensorFlow's rematerialization drops the
     gradients of captured tensors).
 
-    Where `keras_gemma.backend.scan_position_chunks()` says so (JAX), the
-    chunks run in `ops.scan`, the last one zero-padded."""
+    Where `keras_gemma.backend.scan_position_chunks()` says so, the chunks
+    run in `ops.scan`, the last one zero-padded."""
     length = inputs[0].shape[1]
     body = keras.remat(fn)
     if not backend.scan_position_chunks():
-        # A Python loop of rematerialized chunks (eager PyTorch runs the
-        # recomputations one chunk after another either way).
+        # A Python loop of rematerialized chunks.
         outputs = [
             body(*[x[:, start : start + chunk] for x in inputs], *shared)
             for start in range(0, length, chunk)

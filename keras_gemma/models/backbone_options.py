@@ -45,6 +45,7 @@ def resolve_layer_types(num_layers, layer_types, use_sliding_window_attention, s
 
 
 def check_options(
+    hidden_dim,
     num_query_heads,
     num_key_value_heads,
     layer_types,
@@ -83,10 +84,15 @@ def check_options(
             f"rope_scaling_factor={rope_scaling_factor!r} would have no effect: it "
             "scales the full_attention layers, and there is none."
         )
-    if query_pre_attn_scalar is not None and not query_head_dim_normalize:
+    if (
+        query_pre_attn_scalar is not None
+        and not query_head_dim_normalize
+        and query_pre_attn_scalar != hidden_dim / num_query_heads
+    ):
         raise ValueError(
             "query_head_dim_normalize=False would have no effect: "
-            f"query_pre_attn_scalar={query_pre_attn_scalar!r} sets the query scale."
+            f"query_pre_attn_scalar={query_pre_attn_scalar!r} sets the query scale "
+            f"(False means hidden_dim / num_query_heads = {hidden_dim / num_query_heads})."
         )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")

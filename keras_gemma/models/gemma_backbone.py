@@ -139,6 +139,7 @@ class GemmaBackbone(Backbone):
             num_layers, layer_types, use_sliding_window_attention, sliding_window_size
         )
         check_options(
+            hidden_dim,
             num_query_heads,
             num_key_value_heads,
             layer_types,
@@ -299,8 +300,8 @@ class GemmaBackbone(Backbone):
 
         Returns:
             `(hidden_states, cache)`: final-normed `(batch, seq, hidden_dim)`
-            and the cache with these positions written. On PyTorch, outside
-            autograd, the cache tensors may be written in place.
+            and the cache with these positions written (outside autograd
+            possibly in place: `keras_gemma.backend.write_cache`).
         """
         return self._run(token_ids, cache=cache, start=cache_update_index)
 
@@ -388,8 +389,8 @@ class GemmaBackbone(Backbone):
         Args:
             preset: a directory written by `save_to_preset`, a local Hugging
                 Face Transformers directory (`config.json`, `*.safetensors`),
-                or a name in `keras_gemma.presets.PRESETS` (architecture only:
-                use `load_weights=False`).
+                a `.gguf` file, or a name in `keras_gemma.presets.PRESETS`
+                (architecture only: use `load_weights=False`).
             load_weights: bool. Load the weights (True) or keep random ones.
             **kwargs: constructor overrides, for example `dtype="bfloat16"`.
 

@@ -19,8 +19,8 @@ class GemmaCausalLM(CausalLM):
     """A Gemma backbone with the tied output projection: next-token logits.
 
     Calling the model gives float32 logits `(batch, seq, vocabulary_size)`.
-    `generate()` decodes with a preallocated key/value cache on every backend
-    (compiled on JAX and TensorFlow), using the sampler given to `compile()`
+    `generate()` decodes with a preallocated key/value cache, compiled once
+    per prompt-length bucket, using the sampler given to `compile()`
     (greedy by default; any `keras_hub.samplers` sampler works). With a
     preprocessor attached, `generate`, `fit`, `predict` and `evaluate` take
     strings. `fit` with the default `compile()` computes the loss from the
@@ -47,14 +47,11 @@ class GemmaCausalLM(CausalLM):
     preprocessor_cls = GemmaCausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
-        # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
         # Set before keras-hub's constructor, which compiles the model.
         self._objective = None  # the chunked training of compile(), if any
         self._stream_functions = None
-
-        # === Functional model ===
         inputs = backbone.input
         outputs = backbone.logits(backbone(inputs))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
@@ -65,14 +62,7 @@ class GemmaCausalLM(CausalLM):
         written by `save_to_preset`, a local Hugging Face Transformers
         directory, a `.gguf` file, or a name in `keras_gemma.presets.PRESETS`
         (architecture only: `load_weights=False`, no preprocessor). `kwargs`:
-        for example `dtype="bfloat16"`, or `preprocessor=None`.
-
-        Example:
-        ```python
-        gemma_lm = keras_gemma.GemmaCausalLM.from_preset("path/to/gemma-2b")
-        gemma_lm.generate("The capital of France is", max_length=16)
-        ```
-        """
+        for example `dtype="bfloat16"`, or `preprocessor=None`."""
         from keras_gemma import convert
 
         return convert.from_preset(cls, preset, super().from_preset, load_weights=load_weights, **kwargs)
@@ -91,13 +81,7 @@ class GemmaCausalLM(CausalLM):
     # === Training ===
 
     def compile(
-        self,
-        optimizer="auto",
-        loss="auto",
-        *,
-        weighted_metrics="auto",
-        sampler="greedy",
-        **kwargs,
+        self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="greedy", **kwargs
     ):
         """keras-hub's `CausalLM.compile`; the default loss and metric train
         with `keras_gemma.training`'s chunked cross-entropy."""
@@ -190,12 +174,7 @@ class GemmaCausalLM(CausalLM):
         return self.backbone.logits(hidden_states), hidden_states, cache
 
     def generate(
-        self,
-        inputs,
-        max_length=None,
-        stop_token_ids="auto",
-        strip_prompt=False,
-        truncate_prompt=False,
+        self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False, truncate_prompt=False
     ):
         """Generates text (or token ids) continuing `inputs`, with the sampler
         given to `compile()` (greedy by default). The cache has `max_length`
@@ -236,12 +215,7 @@ class GemmaCausalLM(CausalLM):
         return generation.generate_step(self, inputs, stop_token_ids, prefill_length)
 
     def generate_stream(
-        self,
-        prompt,
-        max_length=None,
-        stop_token_ids="auto",
-        strip_prompt=False,
-        truncate_prompt=False,
+        self, prompt, max_length=None, stop_token_ids="auto", strip_prompt=False, truncate_prompt=False
     ):
         """Yields the text of `generate(prompt, ...)` for one prompt string,
         piece by piece as the tokens are produced: the pieces joined equal
@@ -278,11 +252,7 @@ class GemmaCausalLM(CausalLM):
         return chat.chat(self, messages, max_length, stop_token_ids, stream=True, **kwargs)
 
     def score(
-        self,
-        token_ids,
-        padding_mask=None,
-        scoring_mode="logits",
-        layer_intercept_fn=None,
+        self, token_ids, padding_mask=None, scoring_mode="logits", layer_intercept_fn=None,
         target_ids=None,
     ):
         """Scores token sequences: per-token logits or per-token losses.

@@ -140,7 +140,7 @@ def test_unknown_and_ignored_arguments_are_errors():
             {"layer_types": ["sliding_attention"] * 2, "sliding_window_size": 3, "rope_scaling_factor": 8.0},
             "rope_scaling_factor=8.0 would have no effect",
         ),
-        ({"query_pre_attn_scalar": 8.0, "query_head_dim_normalize": False}, "query_head_dim_normalize=False"),
+        ({"query_pre_attn_scalar": 3.0, "query_head_dim_normalize": False}, "query_head_dim_normalize=False"),
         ({"use_sliding_window_attention": True, "layer_types": ["full_attention"] * 2}, "not both"),
         ({"dropout": 1.5}, "dropout"),
     ]
@@ -153,6 +153,9 @@ def test_unknown_and_ignored_arguments_are_errors():
         **TINY, use_sliding_window_attention=False, sliding_window_size=4096
     )
     assert backbone.layer_types == ["full_attention"] * 2
+    # A scalar that says what query_head_dim_normalize=False says (as the
+    # configs of earlier versions wrote it) is no conflict.
+    keras_gemma.GemmaBackbone(**TINY, query_pre_attn_scalar=8.0, query_head_dim_normalize=False)
 
 
 def test_query_head_dim_normalize_survives_a_config_round_trip():
