@@ -1,5 +1,6 @@
 """keras_gemma: Gemma as Keras 3 layers and models on JAX, TensorFlow and PyTorch."""
 
+from keras_gemma import distribution
 from keras_gemma import layers
 from keras_gemma.chat import format_chat
 from keras_gemma import presets
@@ -15,6 +16,7 @@ __all__ = [
     "GemmaCausalLM",
     "GemmaCausalLMPreprocessor",
     "GemmaTokenizer",
+    "distribution",
     "format_chat",
     "layers",
     "presets",

@@ -11,6 +11,10 @@ environment variable `KERAS_GEMMA_SPEED_ROUTES=0` (read at import), or
 `keras_gemma.backend.set_speed_routes(False)` at run time (taking effect for
 functions compiled afterwards). The results are the same either way, up to
 float rounding (`tests/test_backend.py`).
+
+One function here is not for speed: `torch_distributed_data_parallel`, the
+PyTorch half of `keras_gemma.distribution` (JAX and TensorFlow need nothing
+backend-specific from us there).
 """
 
 import contextlib
@@ -312,3 +316,32 @@ def single_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# === Distribution ===
+
+
+def keras_distribution_available():
+    """Whether `keras.distribution`'s meshes and layouts run here: Keras 3.15
+    implements them for JAX only."""
+    return _backend() == "jax"
+
+
+def torch_distributed_data_parallel(model, **kwargs):
+    """PyTorch: `torch.nn.parallel.DistributedDataParallel(model, **kwargs)`
+    (`keras_gemma.distribution.torch_data_parallel`), with `model`'s
+    variables, as they are now, registered as its torch parameters first.
+    Not a speed route: a fix. keras-hub's Backbone and Task set attributes
+    past torch's `__setattr__` while Keras builds them, so Keras' own
+    parameter dict is never registered and `model.parameters()` is empty
+    (keras-hub's models too), which DDP refuses."""
+    if _backend() != "torch":
+        raise RuntimeError(
+            f"torch_data_parallel is PyTorch's route; this is the {_backend()} backend "
+            "(JAX: keras.distribution; TensorFlow: tf.distribute.MirroredStrategy)."
+        )
+    import torch
+
+    parameters = torch.nn.ParameterDict({v.path: v.value for v in model.variables})
+    torch.nn.Module.__setattr__(model, "keras_gemma_parameters", parameters)
+    return torch.nn.parallel.DistributedDataParallel(model, **kwargs)

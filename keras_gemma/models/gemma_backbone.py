@@ -6,6 +6,7 @@ import keras
 from keras import ops
 from keras_hub.models import Backbone
 
+from keras_gemma import distribution
 from keras_gemma.layers.attention import causal_attention_mask
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.projection import tied_logits
@@ -381,6 +382,9 @@ class GemmaBackbone(Backbone):
         return tuple(
             ops.zeros(shape, dtype=self.compute_dtype) for _ in range(self.num_layers)
         )
+
+    # keras-hub's method; called on the class or on a backbone.
+    get_layout_map = distribution.get_layout_map
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

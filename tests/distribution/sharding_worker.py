@@ -1,0 +1,174 @@
+"""Run by test_sharding.py in a fresh JAX process with 8 simulated CPU devices:
+each case's single-device and sharded results, as JSON on stdout's last line.
+
+A case: an architecture and a mesh `(batch, model)`. The reference is the same
+model on one device (no distribution); the sharded model is built under
+`ModelParallel` with `keras_gemma.distribution.layout_map`, given the
+reference's initial weights, and both take two AdamW steps of `fit` with the
+default `compile()` (the chunked loss) on the same batches.
+"""
+
+import json
+import os
+import sys
+
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_gemma  # noqa: E402
+
+BASE = dict(
+    vocabulary_size=256, num_layers=2, num_query_heads=8, hidden_dim=32,
+    intermediate_dim=64, head_dim=16,
+)
+ARCHITECTURES = {
+    "multi_query": dict(num_key_value_heads=1),
+    "grouped_query": dict(num_key_value_heads=2),
+    "multi_head": dict(num_key_value_heads=8),
+    # Gemma 3: query-key norm, a sliding window, post norms, soft caps off.
+    "gemma3": dict(
+        num_key_value_heads=2, use_query_key_norm=True, use_post_attention_norm=True,
+        use_post_ffw_norm=True, query_pre_attn_scalar=16.0, sliding_window_size=4,
+        layer_types=["sliding_attention", "full_attention"], local_rope_max_wavelength=10000.0,
+    ),
+}
+SHARDED = ("token_embedding/embeddings", "/query/", "/key/", "/value/", "/attention_output/", "/ffw_")
+
+
+def data(seed=0, rows=16, length=12):
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(1, BASE["vocabulary_size"], size=(rows, length)).astype("int32")
+    padding_mask = np.ones_like(token_ids)
+    padding_mask[1::3, length - 3 :] = 0  # some padded rows
+    x = {"token_ids": token_ids, "padding_mask": padding_mask}
+    y = np.roll(token_ids, -1, axis=1)
+    return x, y, padding_mask.astype("float32")
+
+
+def build(config, lora_rank, weights=None):
+    lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**config), preprocessor=None)
+    if lora_rank:
+        lm.backbone.enable_lora(lora_rank)
+    if weights is not None:
+        for variable, value in zip(lm.weights, weights):
+            variable.assign(value)
+    return lm
+
+
+def greedy_tokens(lm):
+    """Greedy continuations of two prompts of different lengths, as token ids."""
+    token_ids = np.zeros((2, 12), "int32")
+    padding_mask = np.zeros((2, 12), "int32")
+    token_ids[0, :5], padding_mask[0, :5] = [2, 17, 30, 41, 9], 1
+    token_ids[1, :3], padding_mask[1, :3] = [2, 88, 5], 1
+    out = lm.generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None)
+    return np.asarray(out["token_ids"]).tolist()
+
+
+def train(lm, generate):
+    x, y, sample_weight = data()
+    logits = np.asarray(lm(x))
+    tokens = greedy_tokens(lm) if generate else None
+    lm.compile(optimizer=keras.optimizers.AdamW(1e-2))
+    losses = []
+    callback = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"]))
+    )
+    lm.fit(x, y, sample_weight=sample_weight, batch_size=8, epochs=1, shuffle=False,
+           verbose=0, callbacks=[callback])
+    return logits, tokens, losses, [np.asarray(w) for w in lm.weights]
+
+
+def is_split(variable):
+    sharding = variable.value.sharding
+    return tuple(sharding.shard_shape(variable.shape)) != tuple(variable.shape)
+
+
+def bytes_per_device(variables):
+    """The largest number of bytes any one device holds of `variables`."""
+    held = {}
+    for variable in variables:
+        for shard in variable.value.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values())
+
+
+_REFERENCES = {}
+
+
+def reference(name, lora_rank):
+    """The one-device model's initial weights and results (the same for
+    every mesh)."""
+    if (name, lora_rank) not in _REFERENCES:
+        keras.utils.set_random_seed(0)
+        lm = build({**BASE, **ARCHITECTURES[name]}, lora_rank)
+        initial = [np.asarray(w) for w in lm.weights]
+        _REFERENCES[name, lora_rank] = (initial, *train(lm, generate=True))
+    return _REFERENCES[name, lora_rank]
+
+
+def case(name, mesh_shape, lora_rank=0, shard_over_data=True, generate=False, recipe=None):
+    """One mesh: a layout map on `mesh_shape`, or the named recipe (whose
+    mesh must come out as `mesh_shape`)."""
+    config = {**BASE, **ARCHITECTURES[name]}
+    initial, ref_logits, ref_tokens, ref_losses, ref_weights = reference(name, lora_rank)
+    ref_tokens = ref_tokens if generate else None
+
+    if recipe is None:
+        mesh = keras.distribution.DeviceMesh(mesh_shape, ("batch", "model"), jax.devices())
+        layouts = keras_gemma.distribution.layout_map(config, mesh, shard_over_data=shard_over_data)
+        distribution = keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
+    else:
+        sizes = {} if recipe.endswith("_pod") else {"model_parallel_size": mesh_shape[1]}
+        distribution = keras_gemma.distribution.recipe(recipe, config, **sizes)
+        assert tuple(distribution.device_mesh.shape) == tuple(mesh_shape), distribution.device_mesh
+    with distribution.scope():
+        lm = build(config, lora_rank, initial)
+        logits, tokens, losses, weights = train(lm, generate)
+        unsplit = [
+            v.path
+            for v in lm.weights
+            if v.path.endswith(("/kernel", "/embeddings"))
+            and any(key in v.path for key in SHARDED)
+            and not is_split(v)
+        ]
+        slot_mismatches = []
+        for variable in lm.trainable_weights:
+            prefix = variable.path.replace("/", "_") + "_"
+            for slot in lm.optimizer.variables:
+                if slot.path.split("/")[-1].startswith(prefix) and (
+                    slot.value.sharding.spec != variable.value.sharding.spec
+                ):
+                    slot_mismatches.append(slot.path)
+        slots = [s for s in lm.optimizer.variables if len(s.shape) > 0]
+        return {
+            "case": f"{name} {mesh_shape} lora={lora_rank} over_data={shard_over_data} recipe={recipe}",
+            "tokens": tokens,
+            "ref_tokens": ref_tokens,
+            "model_axis": mesh_shape[1],
+            "logits_diff": float(np.max(np.abs(logits - ref_logits))),
+            "losses": losses,
+            "ref_losses": ref_losses,
+            "weights_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(weights, ref_weights)),
+            "unsplit": unsplit,
+            "slot_mismatches": slot_mismatches,
+            "slots_checked": len(slots),
+            # What one device holds of the weights and the optimizer state,
+            # against all of it.
+            "held_fraction": bytes_per_device(lm.weights + slots)
+            / sum(np.asarray(v).nbytes for v in lm.weights + slots),
+        }
+
+
+def main():
+    cases = json.loads(sys.argv[1])
+    results = [case(name, tuple(mesh), **options) for name, mesh, options in cases]
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
