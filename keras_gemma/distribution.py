@@ -64,7 +64,10 @@ RECIPES = ("data_parallel", "model_parallel", "fully_sharded", "2b_pod", "7b_pod
 
 def architecture(model):
     """The backbone settings a layout depends on, from a `GemmaBackbone`, a
-    `GemmaCausalLM`, a backbone config dict or a preset name."""
+    `GemmaCausalLM`, a backbone config dict or a preset name; `None`: sizes
+    every Gemma's dimensions are multiples of (`_ANY_GEMMA`)."""
+    if model is None:
+        return dict(_ANY_GEMMA)
     if isinstance(model, str):
         config = presets.backbone_config(model)
     elif isinstance(model, dict) or hasattr(model, "keys"):
@@ -220,8 +223,6 @@ def get_layout_map(
                 "architecture= is for class-level calls: this backbone's own architecture is used."
             )
         architecture = backbone
-    elif architecture is None:
-        architecture = sizes_config(_ANY_GEMMA)
     return layout_map(architecture, device_mesh, model_parallel_dim_name, data_parallel_dim_name)
 
 
@@ -276,15 +277,8 @@ def recipe(name, model, devices=None, model_parallel_size=None):
     mesh = keras.distribution.DeviceMesh(
         (count // model_parallel_size, model_parallel_size), ("batch", "model"), devices
     )
-    layouts = layout_map(sizes_config(sizes), mesh, shard_over_data=name != "model_parallel")
+    layouts = layout_map(model, mesh, shard_over_data=name != "model_parallel")
     return keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
-
-
-def sizes_config(sizes):
-    """`architecture`'s sizes back as backbone config keys."""
-    config = {key: sizes[name] for name, key in _SIZES.items()}
-    config["intermediate_dim"] = 2 * sizes["branch"]
-    return config
 
 
 def _largest_divisor(count, heads, limit):

@@ -12,8 +12,8 @@ os.environ["KERAS_BACKEND"] = "torch"
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sharding_worker import ARCHITECTURES  # noqa: E402
-from sharding_worker import BASE  # noqa: E402
+from cases import ARCHITECTURES  # noqa: E402
+from cases import BASE  # noqa: E402
 
 import keras_gemma  # noqa: E402
 

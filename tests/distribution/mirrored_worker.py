@@ -16,9 +16,10 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sharding_worker import ARCHITECTURES  # noqa: E402
-from sharding_worker import BASE  # noqa: E402
-from sharding_worker import data  # noqa: E402
+from cases import ARCHITECTURES  # noqa: E402
+from cases import BASE  # noqa: E402
+from cases import data  # noqa: E402
+from cases import fit_losses  # noqa: E402
 
 import keras_gemma  # noqa: E402
 
@@ -30,13 +31,7 @@ def run(strategy):
         lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
         lm.compile(optimizer=keras.optimizers.AdamW(1e-2))
     x, y, sample_weight = data()
-    losses = []
-    callback = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"]))
-    )
-    lm.fit(x, y, sample_weight=sample_weight, batch_size=8, epochs=1, shuffle=False,
-           verbose=0, callbacks=[callback])
-    return losses, [np.asarray(w) for w in lm.weights]
+    return fit_losses(lm, x, y, sample_weight, batch_size=8), [np.asarray(w) for w in lm.weights]
 
 
 one_losses, one_weights = run(tf.distribute.OneDeviceStrategy("/cpu:0"))

@@ -14,22 +14,17 @@ import jax  # noqa: E402
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from sharding_worker import ARCHITECTURES  # noqa: E402
-from sharding_worker import BASE  # noqa: E402
-from sharding_worker import data  # noqa: E402
+from cases import ARCHITECTURES  # noqa: E402
+from cases import BASE  # noqa: E402
+from cases import data  # noqa: E402
+from cases import fit_losses  # noqa: E402
 
 import keras_gemma  # noqa: E402
 
 
 def fit(lm, x, y, sample_weight, batch_size):
     lm.compile(optimizer=keras.optimizers.AdamW(1e-2))
-    losses = []
-    callback = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"]))
-    )
-    lm.fit(x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=1, shuffle=False,
-           verbose=0, callbacks=[callback])
-    return losses
+    return fit_losses(lm, x, y, sample_weight, batch_size)
 
 
 def build():
