@@ -31,6 +31,8 @@ TensorFlow and PyTorch).
 """
 
 import functools
+import math
+import re
 
 import keras
 
@@ -58,6 +60,19 @@ _KERNELS = (
     ("feed_forward/ffw_gating_2", ("hidden", "branch"), ("branch",)),
     ("feed_forward/ffw_linear", ("hidden", "branch"), ("branch",)),
 )
+
+# The dimensions each kernel's product sums over (its inputs): Keras packs an
+# int4 kernel as `(those, the others / 2)`.
+_INPUTS = {
+    "token_embedding/embeddings": ("vocabulary",),
+    "attention/query": ("hidden",),
+    "attention/key": ("hidden",),
+    "attention/value": ("hidden",),
+    "attention/attention_output": ("heads", "head_dim"),
+    "feed_forward/ffw_gating": ("hidden",),
+    "feed_forward/ffw_gating_2": ("hidden",),
+    "feed_forward/ffw_linear": ("branch",),
+}
 
 RECIPES = ("data_parallel", "model_parallel", "fully_sharded", "2b_pod", "7b_pod")
 
@@ -278,7 +293,75 @@ def recipe(name, model, devices=None, model_parallel_size=None):
         (count // model_parallel_size, model_parallel_size), ("batch", "model"), devices
     )
     layouts = layout_map(model, mesh, shard_over_data=name != "model_parallel")
-    return keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
+    return ModelParallel(layout_map=layouts, batch_dim_name="batch", model=model)
+
+
+class ModelParallel(keras.distribution.ModelParallel):
+    """`keras.distribution.ModelParallel` whose layouts also fit Keras' int4
+    kernels (what `recipe` returns; `model` as `architecture` takes it).
+
+    Keras stores an int4 kernel under the float kernel's path but packed, as
+    `(inputs, outputs / 2)` int8 (the dimensions the product sums over, then
+    the others, two values a byte), so a layout map's float layout does not
+    fit it. Such a kernel here takes the float layout's axis of its inputs
+    and of its outputs; and any axis that does not divide its dimension
+    (an odd packed width) is dropped. Every other variable is laid out as
+    Keras' `ModelParallel` lays it out.
+
+    Example:
+    ```python
+    layouts = keras_gemma.distribution.layout_map("gemma_2b_en", mesh)
+    distribution = keras_gemma.distribution.ModelParallel(
+        layout_map=layouts, batch_dim_name="batch", model="gemma_2b_en"
+    )
+    with distribution.scope():
+        gemma_lm = keras_gemma.GemmaCausalLM.from_preset("path/to/gemma-2b")
+        gemma_lm.quantize("int4")
+    ```
+    """
+
+    def __init__(self, *, layout_map, model, batch_dim_name=None, **kwargs):
+        super().__init__(layout_map=layout_map, batch_dim_name=batch_dim_name, **kwargs)
+        self._sizes = architecture(model)
+
+    def get_variable_layout(self, variable):
+        layout = super().get_variable_layout(variable)
+        shape = tuple(variable.shape)
+        axes = _packed_axes(variable.path, shape, tuple(layout.axes), self._sizes)
+        if axes is None:
+            axes = tuple(layout.axes)
+        mesh = self.device_mesh
+        sizes = dict(zip(mesh.axis_names, mesh.shape))
+        fitted = tuple(
+            axis if axis is None or dim % sizes[axis] == 0 else None for axis, dim in zip(axes, shape)
+        )
+        if fitted == tuple(layout.axes):
+            return layout
+        return keras.distribution.TensorLayout(fitted, mesh)
+
+
+def _packed_axes(path, shape, axes, sizes):
+    """For Keras' packed int4 form of one of our kernels (`shape` is its
+    packed shape, not the float one): the float layout `axes` carried onto
+    `(inputs, outputs / 2)`. None for any other variable."""
+    for name, dims, _ in _KERNELS:
+        pattern = name if name.startswith("token") else rf"decoder_block_\d+/{name}/kernel"
+        if re.fullmatch(pattern, path):
+            break
+    else:
+        return None
+    if len(axes) != len(dims) or shape == tuple(sizes[d] for d in dims):
+        return None
+    inputs = _INPUTS[name]
+    rows = math.prod(sizes[d] for d in inputs)
+    columns = math.prod(sizes[d] for d in dims if d not in inputs)
+    if shape != (rows, (columns + 1) // 2):
+        return None
+    first = lambda found: next((a for a in found if a is not None), None)  # noqa: E731
+    return (
+        first(a for d, a in zip(dims, axes) if d in inputs),
+        first(a for d, a in zip(dims, axes) if d not in inputs),
+    )
 
 
 def _largest_divisor(count, heads, limit):

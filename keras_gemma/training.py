@@ -32,7 +32,7 @@ from keras_gemma.layers.projection import tied_logits
 
 # Logits per chunk: chunk x vocabulary float32 values (128 MB; a chunk's
 # softmax and gradient take a few times that).
-_CHUNK_ELEMENTS = 1 << 25
+LOSS_CHUNK_ELEMENTS = 1 << 25
 # Reductions with a chunked form: Keras' meaning of each.
 _REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight")
 
@@ -229,9 +229,10 @@ def chunked_cross_entropy(
         labels: int `(batch, seq)` target token ids.
         sample_weight: `(batch, seq)` weights (for example the padding mask).
         soft_cap: float or None. Final logit soft cap (`cap * tanh(x / cap)`).
-        chunk_size: most tokens per chunk; by default about 2**25 logits per
-            chunk. With a static token count the chunks are balanced, so
-            little padding is computed.
+        chunk_size: most tokens per chunk (per device, where a
+            `keras.distribution` splits the batch); by default about 2**25
+            logits per chunk. With a static token count the chunks are
+            balanced, so little padding is computed.
 
     Returns:
         float32 `(2,)`: the weighted sum of per-token losses and the weighted
@@ -253,35 +254,31 @@ def chunked_cross_entropy(
     table = ops.convert_to_tensor(table)
     vocabulary, hidden = table.shape
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // vocabulary)
+        chunk_size = max(1, LOSS_CHUNK_ELEMENTS // vocabulary)
     dtype = hidden_states.dtype
-    flat_labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
-    flat_weights = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
-    tokens = flat_labels.shape[0]  # None when only known at run time
-    if tokens is not None:
-        chunks = max(1, -(-tokens // chunk_size))
-        chunk_size = max(1, -(-tokens // chunks))
-    else:
-        tokens = ops.shape(flat_labels)[0]
-        chunks = (tokens + chunk_size - 1) // chunk_size
-    pad = chunks * chunk_size - tokens
+    labels = ops.cast(labels, "int32")
+    sample_weight = ops.cast(sample_weight, "float32")
+    blocks = _Blocks(labels, chunk_size, embedding)
 
-    def chunk_pass(flat_hidden, table):
+    def chunk_pass(hidden_states, table):
         """Loss, correct count, and the gradients, one chunk at a time. The
         products run in the compute dtype of `hidden_states`, as the plain
         logits do; logits, softmax and sums are float32."""
-        rows = ops.pad(flat_hidden, [[0, pad], [0, 0]])
-        targets = ops.pad(flat_labels, [[0, pad]])
-        weights = ops.pad(flat_weights, [[0, pad]])
+        rows, targets, weights = (
+            blocks.arrange(hidden_states),
+            blocks.arrange(labels),
+            blocks.arrange(sample_weight),
+        )
+        table = blocks.constrain(table, "table")
         backward_table = ops.cast(table, dtype)
 
-        def chunk(start, totals, table_grad, after=None):
-            x = ops.slice(rows, (start, 0), (chunk_size, hidden))
+        def chunk(i, totals, table_grad, after=None):
+            x = blocks.constrain(blocks.take(rows, i), "rows")
             if after is not None:
                 x = ops.where(after, x, ops.zeros_like(x))
-            y = ops.slice(targets, (start,), (chunk_size,))
-            w = ops.slice(weights, (start,), (chunk_size,))
+            y, w = blocks.take(targets, i), blocks.take(weights, i)
             logits = tied_logits(embedding, x, soft_cap, embeddings=table)  # (c, vocabulary)
+            logits = blocks.constrain(logits, "logits")
             cap_grad = None
             if soft_cap is not None:  # d cap*tanh(z/cap) / dz, before logits are overwritten
                 cap_grad = 1.0 - ops.square(logits / soft_cap)
@@ -299,11 +296,12 @@ def chunked_cross_entropy(
                 table_grad = table_grad + ops.cast(
                     backend.matmul(ops.transpose(logit_grad), x), "float32"
                 )
+                table_grad = blocks.constrain(table_grad, "table_grad")
             return totals, row_grad, table_grad
 
         totals = ops.zeros((2,), "float32")
         table_grad = ops.zeros((vocabulary, hidden), "float32") if train_table else None
-        if isinstance(chunks, int):
+        if isinstance(blocks.count, int):
             # A static number of chunks (always on JAX): a Python loop. In an
             # XLA while loop the embedding would be loop state, and since the
             # train step also returns it (donated, aliased), XLA copies it
@@ -312,34 +310,33 @@ def chunked_cross_entropy(
             # select that never changes a value), so XLA runs the chunks one
             # after another instead of holding all their logits at once.
             row_grads = []
-            for i in range(chunks):
+            for i in range(blocks.count):
                 after = None
                 if row_grads:
                     after = ops.logical_and(totals[0] > -1.0, row_grads[-1][0, 0] > -1e30)
-                totals, row_grad, table_grad = chunk(i * chunk_size, totals, table_grad, after)
+                totals, row_grad, table_grad = chunk(i, totals, table_grad, after)
                 row_grads.append(row_grad)
-            row_grads = ops.concatenate(row_grads, axis=0) if chunks > 1 else row_grads[0]
+            row_grads = blocks.join(row_grads)
         else:  # TensorFlow with a token count known only at run time
 
             def body(i, state):
                 totals, row_grads, table_grad = state
-                totals, row_grad, table_grad = chunk(i * chunk_size, totals, table_grad)
-                row_grads = ops.slice_update(row_grads, (i * chunk_size, 0), row_grad)
+                totals, row_grad, table_grad = chunk(i, totals, table_grad)
+                row_grads = ops.slice_update(row_grads, (i * blocks.size, 0), row_grad)
                 return totals, row_grads, table_grad
 
             state = (totals, ops.zeros(ops.shape(rows), "float32"), table_grad)
             if table_grad is None:
                 state = state[:2] + (ops.zeros(()),)
-            totals, row_grads, table_grad = ops.fori_loop(0, chunks, body, state)
-        return totals, row_grads[:tokens], table_grad
-
-    flat_hidden = ops.reshape(hidden_states, (-1, hidden))
+            totals, row_grads, table_grad = ops.fori_loop(0, blocks.count, body, state)
+            row_grads = blocks.join([row_grads])
+        return totals, ops.reshape(row_grads, ops.shape(hidden_states)), table_grad
 
     if train_table:
 
         @ops.custom_gradient
-        def loss_and_accuracy(flat_hidden, table):
-            totals, row_grads, table_grad = chunk_pass(flat_hidden, table)
+        def loss_and_accuracy(hidden_states, table):
+            totals, row_grads, table_grad = chunk_pass(hidden_states, table)
 
             def grad(*args, upstream=None):
                 upstream = args[0] if upstream is None else upstream
@@ -351,13 +348,13 @@ def chunked_cross_entropy(
 
             return totals, grad
 
-        return loss_and_accuracy(flat_hidden, table)
+        return loss_and_accuracy(hidden_states, table)
 
     table = ops.stop_gradient(table)  # a constant here (a read, not a variable)
 
     @ops.custom_gradient
-    def loss_and_accuracy(flat_hidden):
-        totals, row_grads, _ = chunk_pass(flat_hidden, table)
+    def loss_and_accuracy(hidden_states):
+        totals, row_grads, _ = chunk_pass(hidden_states, table)
 
         def grad(*args, upstream=None):
             upstream = args[0] if upstream is None else upstream
@@ -365,7 +362,108 @@ def chunked_cross_entropy(
 
         return totals, grad
 
-    return loss_and_accuracy(flat_hidden)
+    return loss_and_accuracy(hidden_states)
+
+
+class _Blocks:
+    """Which tokens of a `(batch, seq)` batch each loss chunk takes.
+
+    By default a chunk is a run of `size` consecutive tokens of the
+    flattened batch. Where a distribution splits the batch over `shards`
+    devices, a chunk is a run of positions of every example instead, so
+    that its rows are split over the devices as the batch is (a run of
+    consecutive tokens would sit on one device's examples, and XLA would
+    compute that chunk whole on every device). Either way chunks hold about
+    `chunk_size` tokens per device, balanced where shapes are static.
+    """
+
+    def __init__(self, labels, chunk_size, embedding):
+        self.batch, self.length = shape = tuple(labels.shape)
+        self.layouts = _loss_layouts(embedding)
+        shards = self.layouts["shards"] if self.layouts else 1
+        self.by_position = shards > 1 and None not in shape
+        if self.by_position:
+            per_device = max(1, self.batch // shards)
+            step = max(1, chunk_size // per_device)
+            self.count = max(1, -(-self.length // step))
+            self.step = -(-self.length // self.count)
+            self.size = self.batch * self.step
+            return
+        if None not in shape:
+            self.tokens = self.batch * self.length
+            self.count = max(1, -(-self.tokens // chunk_size))
+            self.size = max(1, -(-self.tokens // self.count))
+        else:  # known only at run time (TensorFlow)
+            self.tokens = ops.shape(labels)[0] * ops.shape(labels)[1]
+            self.size = chunk_size
+            self.count = (self.tokens + chunk_size - 1) // chunk_size
+
+    def constrain(self, tensor, role):
+        """`tensor` (the chunk's "rows", its "logits", the "table" and its
+        "table_grad") laid out as `_loss_layouts` says, where chunks go by
+        position; else `tensor` itself."""
+        if not self.by_position:
+            return tensor
+        return keras.distribution.distribute_tensor(tensor, self.layouts[role])
+
+    def arrange(self, array):
+        """`array` `(batch, seq, ...)` padded for the chunks: `(batch,
+        count * step, ...)` by position, else flattened to tokens."""
+        if self.by_position:
+            pad = self.count * self.step - self.length
+            return ops.pad(array, [[0, 0], [0, pad]] + [[0, 0]] * (len(array.shape) - 2))
+        rows = ops.reshape(array, (-1,) + tuple(array.shape[2:]))
+        pad = self.count * self.size - self.tokens
+        return ops.pad(rows, [[0, pad]] + [[0, 0]] * (len(rows.shape) - 1))
+
+    def take(self, arranged, i):
+        """Chunk `i` of an arranged array, as `(size, ...)` rows."""
+        rest = tuple(arranged.shape[2:] if self.by_position else arranged.shape[1:])
+        if self.by_position:
+            block = ops.slice(
+                arranged, (0, i * self.step) + (0,) * len(rest), (self.batch, self.step) + rest
+            )
+            return ops.reshape(block, (self.size,) + rest)
+        return ops.slice(arranged, (i * self.size,) + (0,) * len(rest), (self.size,) + rest)
+
+    def join(self, row_grads):
+        """The chunks' `(size, hidden)` row gradients (or, from the run-time
+        loop, all of them at once) back in token order, padding dropped."""
+        if self.by_position:
+            blocks = [ops.reshape(g, (self.batch, self.step, -1)) for g in row_grads]
+            joined = ops.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+            return joined[:, : self.length]
+        joined = ops.concatenate(row_grads, axis=0) if len(row_grads) > 1 else row_grads[0]
+        return joined[: self.tokens]
+
+
+def _loss_layouts(embedding):
+    """Under a `keras.distribution` that splits the batch: the layouts that
+    keep each device's share of the loss to its own rows. A chunk's rows split
+    over the data axis as the batch is; the table gathered over that axis
+    (where a fully sharded layout splits it; any other split stays); the
+    logits split like the rows and the table's vocabulary; the table's
+    gradient laid out like the table, so it is reduced onto its shards.
+    Without them XLA may keep the table's split and compute every row's
+    logits on each device (8 times the logits' bytes on an (8, 1) mesh).
+    None without such a distribution; "shards" is the data axis' size."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return None
+    mesh = distribution.device_mesh
+    data = distribution.batch_dim_name
+    if data not in mesh.axis_names:
+        return None
+    table = distribution.get_variable_layout(embedding.embeddings)
+    gathered = tuple(None if axis == data else axis for axis in table.axes)
+    layout = lambda axes: keras.distribution.TensorLayout(axes, mesh)
+    return {
+        "shards": mesh.shape[mesh.axis_names.index(data)],
+        "rows": layout((data, None)),
+        "table": layout(gathered),
+        "logits": layout((data, gathered[0])),
+        "table_grad": layout(tuple(table.axes)),
+    }
 
 
 def _softmax_cross_entropy(logits, labels, weights):

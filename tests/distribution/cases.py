@@ -41,3 +41,13 @@ def fit_losses(lm, x, y=None, sample_weight=None, batch_size=None):
     lm.fit(x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=1, shuffle=False,
            verbose=0, callbacks=[callback])
     return losses
+
+
+def bytes_per_device(variables):
+    """The largest number of bytes any one device holds of `variables` (JAX
+    arrays)."""
+    held = {}
+    for variable in variables:
+        for shard in variable.value.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values())

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from cases import ARCHITECTURES  # noqa: E402
 from cases import BASE  # noqa: E402
+from cases import bytes_per_device  # noqa: E402
 from cases import data  # noqa: E402
 from cases import fit_losses  # noqa: E402
 
@@ -29,14 +30,23 @@ import keras_gemma  # noqa: E402
 SHARDED = ("token_embedding/embeddings", "/query/", "/key/", "/value/", "/attention_output/", "/ffw_")
 
 
-def build(config, lora_rank, weights=None):
+def build(config, lora_rank, weights=None, quantize=None, adapters=None):
+    """The model, given `weights` (its float weights), then quantized
+    (`"int8"`, `"int4"`), then with LoRA adapters (given `adapters`)."""
     lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**config), preprocessor=None)
+    for variable, value in zip(lm.weights, weights or []):
+        variable.assign(value)
+    if quantize:
+        lm.quantize(quantize)
     if lora_rank:
         lm.backbone.enable_lora(lora_rank)
-    if weights is not None:
-        for variable, value in zip(lm.weights, weights):
+        for variable, value in zip(lora_variables(lm), adapters or []):
             variable.assign(value)
     return lm
+
+
+def lora_variables(lm):
+    return [v for v in lm.weights if "lora_kernel" in v.path]
 
 
 def greedy_tokens(lm):
@@ -49,11 +59,16 @@ def greedy_tokens(lm):
     return np.asarray(out["token_ids"]).tolist()
 
 
-def train(lm, generate):
+def train(lm, generate, loss_chunk=None):
+    """`loss_chunk`: tokens per device in each chunk of the loss (by default
+    one chunk holds the whole batch here)."""
     x, y, sample_weight = data()
     logits = np.asarray(lm(x))
     tokens = greedy_tokens(lm) if generate else None
-    lm.compile(optimizer=keras.optimizers.AdamW(1e-2))
+    options = {}
+    if loss_chunk:
+        options["loss"] = keras_gemma.training.ChunkedCrossEntropy(chunk_size=loss_chunk)
+    lm.compile(optimizer=keras.optimizers.AdamW(1e-2), **options)
     losses = fit_losses(lm, x, y, sample_weight, batch_size=8)
     return logits, tokens, losses, [np.asarray(w) for w in lm.weights]
 
@@ -63,34 +78,31 @@ def is_split(variable):
     return tuple(sharding.shard_shape(variable.shape)) != tuple(variable.shape)
 
 
-def bytes_per_device(variables):
-    """The largest number of bytes any one device holds of `variables`."""
-    held = {}
-    for variable in variables:
-        for shard in variable.value.addressable_shards:
-            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
-    return max(held.values())
-
-
 _REFERENCES = {}
 
 
-def reference(name, lora_rank):
-    """The one-device model's initial weights and results (the same for
-    every mesh)."""
-    if (name, lora_rank) not in _REFERENCES:
+def reference(name, lora_rank, quantize=None):
+    """The one-device model's initial float weights and results (the same
+    for every mesh)."""
+    key = name, lora_rank, quantize
+    if key not in _REFERENCES:
         keras.utils.set_random_seed(0)
-        lm = build({**BASE, **ARCHITECTURES[name]}, lora_rank)
-        initial = [np.asarray(w) for w in lm.weights]
-        _REFERENCES[name, lora_rank] = (initial, *train(lm, generate=True))
-    return _REFERENCES[name, lora_rank]
+        config = {**BASE, **ARCHITECTURES[name]}
+        initial = [np.asarray(w) for w in build(config, 0).weights]
+        lm = build(config, lora_rank, initial, quantize)
+        adapters = [np.asarray(v) for v in lora_variables(lm)]
+        _REFERENCES[key] = (initial, adapters, *train(lm, generate=True))
+    return _REFERENCES[key]
 
 
-def case(name, mesh_shape, lora_rank=0, shard_over_data=True, generate=False, recipe=None):
+def case(name, mesh_shape, lora_rank=0, shard_over_data=True, generate=False, recipe=None,
+         loss_chunk=None, quantize=None):
     """One mesh: a layout map on `mesh_shape`, or the named recipe (whose
     mesh must come out as `mesh_shape`)."""
     config = {**BASE, **ARCHITECTURES[name]}
-    initial, ref_logits, ref_tokens, ref_losses, ref_weights = reference(name, lora_rank)
+    initial, adapters, ref_logits, ref_tokens, ref_losses, ref_weights = reference(
+        name, lora_rank, quantize
+    )
     ref_tokens = ref_tokens if generate else None
 
     if recipe is None:
@@ -102,8 +114,8 @@ def case(name, mesh_shape, lora_rank=0, shard_over_data=True, generate=False, re
         distribution = keras_gemma.distribution.recipe(recipe, config, **sizes)
         assert tuple(distribution.device_mesh.shape) == tuple(mesh_shape), distribution.device_mesh
     with distribution.scope():
-        lm = build(config, lora_rank, initial)
-        logits, tokens, losses, weights = train(lm, generate)
+        lm = build(config, lora_rank, initial, quantize, adapters)
+        logits, tokens, losses, weights = train(lm, generate, loss_chunk)
         unsplit = [
             v.path
             for v in lm.weights
@@ -121,7 +133,8 @@ def case(name, mesh_shape, lora_rank=0, shard_over_data=True, generate=False, re
                     slot_mismatches.append(slot.path)
         slots = [s for s in lm.optimizer.variables if len(s.shape) > 0]
         return {
-            "case": f"{name} {mesh_shape} lora={lora_rank} over_data={shard_over_data} recipe={recipe}",
+            "case": f"{name} {mesh_shape} lora={lora_rank} over_data={shard_over_data} recipe={recipe} "
+            f"quantize={quantize}",
             "tokens": tokens,
             "ref_tokens": ref_tokens,
             "model_axis": mesh_shape[1],

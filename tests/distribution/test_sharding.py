@@ -23,10 +23,24 @@ CASES = (
     + [("multi_head", (1, 8), {"recipe": "7b_pod"}), ("multi_head", (2, 4), {**MODEL_ONLY, "generate": True})]
     + [("multi_head", (4, 2), MODEL_ONLY), ("multi_head", (8, 1), MODEL_ONLY)]
     # Gemma 3 (query-key norm, sliding window, post norms), fully sharded:
-    # the weights and optimizer state split over both axes; with LoRA on two.
+    # the weights and optimizer state split over both axes; with LoRA on two;
+    # on two, the loss in several chunks (each a run of positions of every
+    # example, split over the data axis as the batch is).
     + [
-        ("gemma3", mesh, {"recipe": "fully_sharded", "generate": mesh == (1, 8), "lora_rank": 4 * (mesh in [(2, 4), (4, 2)])})
+        ("gemma3", mesh, {
+            "recipe": "fully_sharded", "generate": mesh == (1, 8),
+            "lora_rank": 4 * (mesh in [(2, 4), (4, 2)]), "loss_chunk": 4 * (mesh in [(2, 4), (8, 1)]),
+        })
         for mesh in MESHES
+    ]
+    # Quantized kernels with LoRA (QLoRA): int8 kernels keep their shape and
+    # layout; Keras packs int4 kernels into two dimensions, which the
+    # recipes' ModelParallel lays out from the float layout. Scales are
+    # replicated.
+    + [
+        ("grouped_query", (4, 2), {"recipe": "fully_sharded", "quantize": "int8", "lora_rank": 4}),
+        ("multi_head", (2, 4), {"recipe": "fully_sharded", "quantize": "int4", "lora_rank": 4,
+                                "generate": True}),
     ]
 )
 
@@ -58,7 +72,8 @@ def test_sharded_model_equals_one_device(results, index):
     name, mesh, options = CASES[index]
     key = (
         f"{name} {tuple(mesh)} lora={options.get('lora_rank', 0)} "
-        f"over_data={options.get('shard_over_data', True)} recipe={options.get('recipe')}"
+        f"over_data={options.get('shard_over_data', True)} recipe={options.get('recipe')} "
+        f"quantize={options.get('quantize')}"
     )
     result = results[key]
     assert result["logits_diff"] < 5e-5, result
