@@ -3,6 +3,7 @@
 from keras_gemma import distribution
 from keras_gemma import layers
 from keras_gemma.chat import format_chat
+from keras_gemma import planner
 from keras_gemma import presets
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
@@ -19,5 +20,6 @@ __all__ = [
     "distribution",
     "format_chat",
     "layers",
+    "planner",
     "presets",
 ]

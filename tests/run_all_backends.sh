@@ -12,7 +12,7 @@ export KERAS_GEMMA_ORACLE_CACHE
 trap 'rm -rf "$KERAS_GEMMA_ORACLE_CACHE"' EXIT
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend ==="
-  KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider tests "$@"
+  KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
   code=$?
   summary+="KERAS_BACKEND=$backend: pytest exit code $code"$'\n'
   if [ "$code" -ne 0 ]; then status=1; fi
