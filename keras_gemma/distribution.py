@@ -24,7 +24,10 @@ makes XLA replicate the keys at each rotary embedding and attention product).
 Where no dimension divides, the weight stays whole on that axis. Optimizer
 slots take their variable's layout (Keras' `add_variable_from_reference`).
 The patterns are full matches of the variable paths, so they match nothing
-else.
+else. int8 kernels keep their shape, and so their layout; their scales are
+replicated. Keras packs an int4 kernel into two dimensions under the float
+kernel's path, which no path pattern can tell apart: `ModelParallel` here
+(what `recipe` returns) lays those out from the float layout.
 
 Runs on JAX, where Keras implements `keras.distribution` (see the README for
 TensorFlow and PyTorch).
@@ -338,6 +341,25 @@ class ModelParallel(keras.distribution.ModelParallel):
         if fitted == tuple(layout.axes):
             return layout
         return keras.distribution.TensorLayout(fitted, mesh)
+
+
+def check_int4_layouts(model):
+    """Raises, before `quantize("int4")` changes anything, where the active
+    distribution would give Keras' packed int4 kernels their float
+    layouts (a `keras.distribution.ModelParallel` with one of our layout
+    maps, not this module's `ModelParallel`)."""
+    active = keras.distribution.distribution()
+    if not isinstance(active, keras.distribution.ModelParallel) or isinstance(active, ModelParallel):
+        return
+    for variable in model.weights:
+        if variable.path.endswith("/kernel") and len(variable.shape) == 3:
+            if any(axis is not None for axis in active.get_variable_layout(variable).axes):
+                raise ValueError(
+                    f"quantize('int4') under keras.distribution.ModelParallel: Keras packs "
+                    f"int4 kernels into two dimensions, which the layout map's layout for "
+                    f"{variable.path} does not fit. Use keras_gemma.distribution.ModelParallel"
+                    "(layout_map=..., model=...) or keras_gemma.distribution.recipe(...)."
+                )
 
 
 def _packed_axes(path, shape, axes, sizes):

@@ -8,6 +8,7 @@ from keras_hub.models import CausalLM
 
 from keras_gemma import backend
 from keras_gemma import chat
+from keras_gemma import distribution
 from keras_gemma import generation
 from keras_gemma import training as chunked_training
 from keras_gemma.models.gemma_backbone import GemmaBackbone
@@ -158,6 +159,8 @@ class GemmaCausalLM(CausalLM):
             patterns = [filters] if isinstance(filters, str) else filters
             return any(re.search(pattern, layer.name) for pattern in patterns)
 
+        if mode == "int4":
+            distribution.check_int4_layouts(self.backbone)
         super().quantize(mode, config=config, filters=network_only, **kwargs)
         self.generate_function = None
         self._stream_functions = None

@@ -152,9 +152,27 @@ def case(name, mesh_shape, lora_rank=0, shard_over_data=True, generate=False, re
         }
 
 
+def int4_under_keras_model_parallel():
+    """`quantize("int4")` under Keras' own ModelParallel with our layout map:
+    the error, and how many weights it left quantized (none should be)."""
+    config = {**BASE, **ARCHITECTURES["multi_head"]}
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
+    layouts = keras_gemma.distribution.layout_map(config, mesh)
+    with keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch").scope():
+        lm = build(config, 0)
+        try:
+            lm.quantize("int4")
+            error = None
+        except ValueError as e:
+            error = str(e)
+    quantized = [v.path for v in lm.weights if v.dtype == "int8"]
+    return {"case": "int4 under keras' ModelParallel", "error": error, "quantized": quantized}
+
+
 def main():
     cases = json.loads(sys.argv[1])
     results = [case(name, tuple(mesh), **options) for name, mesh, options in cases]
+    results.append(int4_under_keras_model_parallel())
     print(json.dumps(results))
 
 

@@ -90,3 +90,11 @@ def test_sharded_model_equals_one_device(results, index):
         # Each of the 8 devices holds an eighth of the weights and optimizer
         # state, but for the (replicated) norm scales.
         assert result["held_fraction"] <= 1 / 8 + 0.05, result
+
+
+def test_int4_under_keras_model_parallel_is_a_clear_error(results):
+    """Keras' own ModelParallel would give the packed int4 kernels their float
+    layouts; quantize says so before changing any weight."""
+    result = results["int4 under keras' ModelParallel"]
+    assert "keras_gemma.distribution.ModelParallel" in (result["error"] or ""), result
+    assert result["quantized"] == [], result
