@@ -4,10 +4,14 @@ two processes, or (without RANK) the same two AdamW steps in one process on
 the whole batch. A PyTorch training loop, as Keras' PyTorch guide has it.
 Prints the losses (process 0, averaged over both) as JSON, after `RESULT`."""
 
+import faulthandler
 import json
 import os
 
 os.environ["KERAS_BACKEND"] = "torch"
+# A hung collective ends the process with every thread's stack on stderr
+# (a normal run takes under 30 s), instead of a silent timeout.
+faulthandler.dump_traceback_later(150, exit=True)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -53,7 +57,10 @@ def main():
     losses = torch.tensor(train(ddp, ddp.parameters(), local))
     torch.distributed.all_reduce(losses)  # equal halves: the mean of means
     if rank == 0:
-        print("RESULT", json.dumps((losses / WORLD).tolist()))
+        print("RESULT", json.dumps((losses / WORLD).tolist()), flush=True)
+    # DDP's reducer holds the process group: freed after the group (when
+    # main returns), its destructor hung about one run in four.
+    del ddp
     torch.distributed.destroy_process_group()
 
 
