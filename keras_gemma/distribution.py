@@ -86,25 +86,30 @@ def architecture(model):
     every Gemma's dimensions are multiples of (`_ANY_GEMMA`)."""
     if model is None:
         return dict(_ANY_GEMMA)
-    if isinstance(model, str):
-        config = presets.backbone_config(model)
-    elif isinstance(model, dict) or hasattr(model, "keys"):
-        config = dict(model)
-    elif hasattr(model, "backbone"):
-        config = model.backbone.get_config()
-    elif hasattr(model, "get_config"):
-        config = model.get_config()
-    else:
-        raise TypeError(
-            "Expected a GemmaBackbone, a GemmaCausalLM, a backbone config or a "
-            f"preset name; got {type(model).__name__}."
-        )
+    config = backbone_config(model)
     missing = [key for key in (*_SIZES.values(), "intermediate_dim") if key not in config]
     if missing:
         raise ValueError(f"The architecture lacks {', '.join(missing)}.")
     sizes = {name: int(config[key]) for name, key in _SIZES.items()}
     sizes["branch"] = int(config["intermediate_dim"]) // 2
     return sizes
+
+
+def backbone_config(model):
+    """The backbone config of a `GemmaBackbone`, a `GemmaCausalLM`, a config
+    dict or a preset name."""
+    if isinstance(model, str):
+        return presets.backbone_config(model)
+    if isinstance(model, dict) or hasattr(model, "keys"):
+        return dict(model)
+    if hasattr(model, "backbone"):
+        return model.backbone.get_config()
+    if hasattr(model, "get_config"):
+        return model.get_config()
+    raise TypeError(
+        "Expected a GemmaBackbone, a GemmaCausalLM, a backbone config or a "
+        f"preset name; got {type(model).__name__}."
+    )
 
 
 def _axis_size(device_mesh, name, role):
@@ -325,12 +330,12 @@ class ModelParallel(keras.distribution.ModelParallel):
 
     def __init__(self, *, layout_map, model, batch_dim_name=None, **kwargs):
         super().__init__(layout_map=layout_map, batch_dim_name=batch_dim_name, **kwargs)
-        self._sizes = architecture(model)
+        self.architecture_sizes = architecture(model)
 
     def get_variable_layout(self, variable):
         layout = super().get_variable_layout(variable)
         shape = tuple(variable.shape)
-        axes = _packed_axes(variable.path, shape, tuple(layout.axes), self._sizes)
+        axes = _packed_axes(variable.path, shape, tuple(layout.axes), self.architecture_sizes)
         if axes is None:
             axes = tuple(layout.axes)
         mesh = self.device_mesh

@@ -16,7 +16,6 @@ import math
 import re
 
 from keras_gemma import distribution
-from keras_gemma import presets
 from keras_gemma import training
 from keras_gemma.layers.feed_forward import training_chunk_length
 
@@ -82,14 +81,6 @@ def _accelerator_bytes(name):
     if name not in ACCELERATORS:
         raise ValueError(f"Unknown accelerator {name!r}; known: {', '.join(ACCELERATORS)}.")
     return ACCELERATORS[name]
-
-
-def _config(model):
-    if isinstance(model, str):
-        return presets.backbone_config(model)
-    if hasattr(model, "backbone"):
-        model = model.backbone
-    return dict(model.get_config()) if hasattr(model, "get_config") else dict(model)
 
 
 def variable_shapes(config):
@@ -172,7 +163,7 @@ def plan(
         rematerialize: the decoder blocks rematerialized (built inside
             `keras.RematScope`): only each block's input is kept.
     """
-    config = _config(model)
+    config = distribution.backbone_config(model)
     if len(mesh) != 2 or not all(isinstance(n, int) and n > 0 for n in mesh):
         raise ValueError(f"mesh must be (data, model), two positive ints; got {mesh!r}.")
     for name, value in (("batch_size", batch_size), ("sequence_length", sequence_length)):
