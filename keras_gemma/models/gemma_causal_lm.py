@@ -12,6 +12,7 @@ from keras_gemma import distribution
 from keras_gemma import generation
 from keras_gemma import training as chunked_training
 from keras_gemma.models.gemma_backbone import GemmaBackbone
+from keras_gemma.models.gemma_backbone import collections_frozen
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 
 
@@ -147,7 +148,8 @@ class GemmaCausalLM(CausalLM):
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """`keras.Model.quantize` (Keras' `filters`) over the layers that have
         weights and a `quantize` of their own: Keras would refuse the model for
-        the preprocessor's unbuilt tokenizer and warn for each norm."""
+        the preprocessor's unbuilt tokenizer and warn for each norm; and
+        without a full garbage collection per kernel (`collections_frozen`)."""
 
         def network_only(layer):
             if not layer.weights or type(layer).quantize is keras.layers.Layer.quantize:
@@ -161,7 +163,8 @@ class GemmaCausalLM(CausalLM):
 
         if mode == "int4":
             distribution.check_int4_layouts(self.backbone)
-        super().quantize(mode, config=config, filters=network_only, **kwargs)
+        with collections_frozen():
+            super().quantize(mode, config=config, filters=network_only, **kwargs)
         self.generate_function = None
         self._stream_functions = None
 

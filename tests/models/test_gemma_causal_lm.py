@@ -1,6 +1,8 @@
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import keras
 import keras_hub
@@ -255,3 +257,25 @@ def test_quantized_weights_are_smaller_and_close(tokenizer, mode, fraction):
     correlation = np.corrcoef(logits.ravel(), expected.ravel())[0, 1]
     assert correlation > (0.995 if mode == "int8" else 0.8), correlation
     assert isinstance(lm.generate("The quick", max_length=10), str)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("target", ["causal_lm", "backbone"])
+def test_quantize_frees_each_float_kernel_without_a_collection(monkeypatch, mode, target):
+    """`quantize` spares Keras' full garbage collection per kernel (freezing
+    the objects that existed before): sound only while each kernel Keras
+    replaces is freed by reference counting, as it goes. If a Keras upgrade
+    leaves them in reference cycles, this fails: the float kernels would
+    then stay in memory until the end of quantizing."""
+    lm = make_lm()
+    replaced = [weakref.ref(v) for v in lm.weights if v.path.endswith(("/kernel", "/embeddings"))]
+    assert len(replaced) == 7 * TINY["num_layers"] + 1
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+    gc.disable()
+    try:
+        (lm if target == "causal_lm" else lm.backbone).quantize(mode)
+        alive = [r().path for r in replaced if r() is not None]
+    finally:
+        gc.enable()
+    assert alive == []
+    assert gc.get_freeze_count() == 0  # nothing left frozen
