@@ -10,6 +10,14 @@ import tempfile
 HERE = os.path.dirname(__file__)
 
 
+def xla_flags(devices):
+    """`XLA_FLAGS` for a worker on `devices` simulated CPU devices. These
+    tiny models' steps cost mostly compilation; without LLVM's optimisations
+    XLA compiles them in about 2/3 of the time (the sharding worker: 202 s
+    against 129 s) and computes the same results."""
+    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

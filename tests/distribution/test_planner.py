@@ -10,6 +10,7 @@ import keras
 import pytest
 from launch import finish
 from launch import start
+from launch import xla_flags
 
 import keras_gemma
 from keras_gemma import planner
@@ -36,7 +37,7 @@ CASES = [
 def test_planner_matches_shards_and_xla():
     env = {
         "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags(8),
         "PLANNER_CASES": json.dumps(CASES),
     }
     results = finish(start("planner_worker.py", env), timeout=600)

@@ -10,6 +10,7 @@ import sys
 
 import keras
 import pytest
+from launch import xla_flags
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 MODEL_ONLY = {"shard_over_data": False}  # each data replica holds whole weights
@@ -54,7 +55,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def results():
     worker = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": xla_flags(8)}
     run = subprocess.run(
         [sys.executable, worker, json.dumps(CASES)], env=env, capture_output=True, text=True, timeout=900
     )
