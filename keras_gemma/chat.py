@@ -148,6 +148,7 @@ def chat(lm, messages, max_length=None, stop_token_ids="auto", stream=False, **k
     if lm.preprocessor is None:
         raise ValueError("chat needs a preprocessor with a tokenizer.")
     tokenizer = lm.preprocessor.tokenizer
+    require_chat_tokens(tokenizer, "chat")
     if stop_token_ids == "auto":
         stop_token_ids = [tokenizer.end_of_turn_token_id, tokenizer.end_token_id]
     generate = lm.generate_stream if stream else lm.generate
@@ -158,6 +159,22 @@ def chat(lm, messages, max_length=None, stop_token_ids="auto", stream=False, **k
         strip_prompt=True,
         **kwargs,
     )
+
+
+def require_chat_tokens(tokenizer, what):
+    """A `ValueError` naming what is missing unless `tokenizer`'s vocabulary
+    holds `<start_of_turn>` and `<end_of_turn>` (`what` needs them)."""
+    missing = [
+        token
+        for token, name in (("<start_of_turn>", "start_of_turn_token_id"), ("<end_of_turn>", "end_of_turn_token_id"))
+        if getattr(tokenizer, name, None) is None
+    ]
+    if missing:
+        raise ValueError(
+            f"{what} writes Gemma's chat format, but this tokenizer's vocabulary has no "
+            f"{' or '.join(repr(t) for t in missing)}: use the vocabulary of a Gemma "
+            "checkpoint, or write prompts yourself and call generate() / fit() on strings."
+        )
 
 
 def is_conversations(x):

@@ -138,7 +138,9 @@ class GemmaCausalLMPreprocessor(CausalLMPreprocessor):
         import numpy as np
 
         from keras_gemma.chat import format_chat
+        from keras_gemma.chat import require_chat_tokens
 
+        require_chat_tokens(self.tokenizer, "Fine-tuning on conversations")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         length = (sequence_length or self.sequence_length) + 1

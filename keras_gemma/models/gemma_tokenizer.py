@@ -6,10 +6,16 @@ from keras_hub.tokenizers import SentencePieceTokenizer
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 
 # (token, attribute): looked up by string in the vocabulary, never by number.
+# Required, as by keras-hub's GemmaTokenizer: a vocabulary without one is an
+# error naming it.
 SPECIAL_TOKENS = (
     ("<bos>", "start_token"),
     ("<eos>", "end_token"),
     ("<pad>", "pad_token"),
+)
+# Looked up when present (the id is None otherwise): chat and chat
+# fine-tuning need the turn tokens, and say so when they are missing.
+OPTIONAL_TOKENS = (
     ("<unk>", "unk_token"),
     ("<start_of_turn>", "start_of_turn_token"),
     ("<end_of_turn>", "end_of_turn_token"),
@@ -21,11 +27,13 @@ class GemmaTokenizer(SentencePieceTokenizer):
     """Gemma tokenizer: a SentencePiece model plus Gemma's special tokens.
 
     Works eagerly and inside `tf.data` (it is keras-hub's
-    `SentencePieceTokenizer`). The ids of `<bos>`, `<eos>`, `<pad>`, `<unk>`,
-    `<start_of_turn>` and `<end_of_turn>` are looked up by string and exposed
-    as `start_token_id`, `end_token_id`, `pad_token_id`, `unk_token_id`,
-    `start_of_turn_token_id` and `end_of_turn_token_id`; a vocabulary that
-    lacks one of them is rejected with an error naming it.
+    `SentencePieceTokenizer`). As in keras-hub, the vocabulary must hold
+    `<bos>`, `<eos>` and `<pad>` (their ids: `start_token_id`, `end_token_id`,
+    `pad_token_id`; a vocabulary without one is rejected with an error naming
+    it). `<unk>`, `<start_of_turn>` and `<end_of_turn>` are looked up when
+    present (`unk_token_id`, `start_of_turn_token_id`, `end_of_turn_token_id`,
+    None when absent); `chat()` and fine-tuning on conversations need the
+    turn tokens. Every id is looked up by string, never assumed.
 
     Args:
         proto: path to a SentencePiece `.model` file, or its serialized bytes.
@@ -45,7 +53,23 @@ class GemmaTokenizer(SentencePieceTokenizer):
     def __init__(self, proto, **kwargs):
         for token, name in SPECIAL_TOKENS:
             self._add_special_token(token, name)
+        for token, name in OPTIONAL_TOKENS:
+            setattr(self, name, token)
+            setattr(self, f"{name}_id", None)
         super().__init__(proto=proto, **kwargs)
+
+    def set_proto(self, proto):
+        super().set_proto(proto)
+        for token, name in OPTIONAL_TOKENS:
+            setattr(self, f"{name}_id", self._id_if_present(token))
+
+    def _id_if_present(self, token):
+        """`token`'s id, or None when the vocabulary lacks it (SentencePiece
+        maps an unknown piece to `<unk>`'s id, so the id is checked back)."""
+        if self.proto is None:
+            return None
+        token_id = self.token_to_id(token)
+        return token_id if self.id_to_token(token_id) == token else None
 
     def sentencepiece_processor(self):
         """A `sentencepiece.SentencePieceProcessor` of the same model (for
