@@ -5,11 +5,13 @@ A preset is one of:
 - a directory written by `save_to_preset` (its `config.json` names a registered Keras
   class): read by keras-hub's own `from_preset` of the class asked for, once the
   config is known to hold a keras_gemma model;
+- a directory written by keras-hub's `save_to_preset` for its `GemmaBackbone` or
+  `Gemma3Backbone` (`keras_hub_format.py`);
 - a name in `keras_gemma.presets.PRESETS` (an architecture, no weights);
 - a `.gguf` file (llama.cpp);
 - a Hugging Face Transformers directory (`config.json` with a `model_type`).
 
-The last three are read by loaders of this package, each an object with
+The last four are read by loaders of this package, each an object with
 `backbone_config()` (`GemmaBackbone` arguments), `check_weights()` (fails before a
 model is built when there are none to load), `load_weights(backbone)` (all or nothing),
 `has_tokenizer` and `load_tokenizer(cls, **kwargs)`. Nothing here imports a model class
@@ -26,6 +28,7 @@ import keras
 import keras_hub
 
 from keras_gemma import presets
+from keras_gemma.convert import keras_hub_format
 
 # The kinds of class `from_preset` builds, told by keras-hub's public base classes.
 _KINDS = (
@@ -107,6 +110,8 @@ def open_preset(preset):
             config = json.load(f)
         except ValueError as e:
             raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+    if config.get("registered_name") in (keras_hub_format.GEMMA, keras_hub_format.GEMMA3):
+        return keras_hub_format.KerasHubLoader(directory, config)
     if "registered_name" in config:
         return KerasPreset(directory, config)
     if "model_type" in config:

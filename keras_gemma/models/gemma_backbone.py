@@ -288,6 +288,26 @@ class GemmaBackbone(Backbone):
         """Adds each adapter into its kernel and removes the adapters."""
         lora.merge_lora_weights(self)
 
+    def export_to_keras_hub(self, preset_dir, max_shard_size=10):
+        """Saves this model as a preset keras-hub's own `from_preset` loads:
+        its `GemmaBackbone` (Gemma 1 and 2) or `Gemma3Backbone`, kernels in
+        its layout. `save_to_preset` keeps keras_gemma's layout, which
+        loads here without conversion; keras_gemma reads both.
+
+        Args:
+            preset_dir: the directory to write.
+            max_shard_size: GB per weights file (keras-hub's `save_to_preset`).
+
+        Example:
+        ```python
+        gemma_lm.export_to_keras_hub("gemma_for_keras_hub")
+        keras_hub.models.CausalLM.from_preset("gemma_for_keras_hub")
+        ```
+        """
+        from keras_gemma.convert import keras_hub_format
+
+        keras_hub_format.export(self, preset_dir, max_shard_size)
+
     def quantize(self, mode=None, **kwargs):
         """`keras.Model.quantize`, without a full garbage collection per
         kernel (`collections_frozen`)."""
@@ -418,8 +438,9 @@ class GemmaBackbone(Backbone):
         """Builds a backbone from a preset, loading its weights.
 
         Args:
-            preset: a directory written by `save_to_preset`, a local Hugging
-                Face Transformers directory (`config.json`, `*.safetensors`),
+            preset: a directory written by `save_to_preset` (keras_gemma's
+                or keras-hub's, for its Gemma and Gemma 3 backbones), a local
+                Hugging Face Transformers directory (`config.json`, `*.safetensors`),
                 a `.gguf` file, or a name in `keras_gemma.presets.PRESETS`
                 (architecture only: use `load_weights=False`).
             load_weights: bool. Load the weights (True) or keep random ones.

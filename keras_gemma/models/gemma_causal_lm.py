@@ -154,6 +154,8 @@ class GemmaCausalLM(CausalLM):
         def network_only(layer):
             if not layer.weights or type(layer).quantize is keras.layers.Layer.quantize:
                 return False
+            if mode in ("gptq", "awq") and isinstance(layer, keras.layers.Embedding):
+                return False  # Keras has no GPTQ / AWQ embedding (keras-hub's stays float too, with a warning)
             if filters is None:
                 return True
             if callable(filters):
@@ -167,6 +169,38 @@ class GemmaCausalLM(CausalLM):
             super().quantize(mode, config=config, filters=network_only, **kwargs)
         self.generate_function = None
         self._stream_functions = None
+
+    def export_to_keras_hub(self, preset_dir, max_shard_size=10):
+        """Saves this model as a preset keras-hub's own `from_preset` loads:
+        its `GemmaCausalLM` or `Gemma3CausalLM` (text), kernels in its layout,
+        with the preprocessor's tokenizer. `save_to_preset` keeps
+        keras_gemma's layout, which loads here without conversion;
+        keras_gemma reads both.
+
+        Args:
+            preset_dir: the directory to write.
+            max_shard_size: GB per weights file (keras-hub's `save_to_preset`).
+
+        Example:
+        ```python
+        gemma_lm.export_to_keras_hub("gemma_for_keras_hub")
+        keras_hub.models.CausalLM.from_preset("gemma_for_keras_hub")
+        ```
+        """
+        from keras_gemma.convert import keras_hub_format
+
+        keras_hub_format.export(self, preset_dir, max_shard_size)
+
+    def get_quantization_layer_structure(self, mode=None):
+        """Keras' hook for GPTQ and AWQ calibration: the blocks in order, and
+        before them the backbone's own `embed` (embeddings times
+        sqrt(hidden_dim), as keras-hub's Gemma), so each block calibrates on
+        the inputs it gets in the real forward pass."""
+        if mode not in ("gptq", "awq"):
+            return None
+        token_ids = keras.Input(shape=(None,), dtype="int32")
+        embed = keras.Model(token_ids, self.backbone.embed(token_ids), name="embed")
+        return {"pre_block_layers": [embed], "sequential_blocks": list(self.backbone.transformer_layers)}
 
     # === Inference ===
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import keras_gemma
-from helpers import TINY, to_numpy
+from helpers import CORPUS, TINY, to_numpy
 
 # A ragged batch: prompts of 5, 2 and 4 tokens, right-padded to 12.
 PROMPTS = [[2, 17, 42, 9, 100], [2, 30], [2, 8, 77, 5]]
@@ -279,3 +279,52 @@ def test_quantize_frees_each_float_kernel_without_a_collection(monkeypatch, mode
         gc.enable()
     assert alive == []
     assert gc.get_freeze_count() == 0  # nothing left frozen
+
+
+@pytest.mark.parametrize("mode", ["gptq", "awq"])
+def test_calibration_feeds_each_block_its_real_inputs(tokenizer, monkeypatch, mode):
+    """GPTQ and AWQ calibrate block by block, on inputs from
+    `get_quantization_layer_structure`: block 0 gets the embeddings times
+    sqrt(hidden_dim), each later block the (already quantized) blocks'
+    outputs, exactly what the quantized backbone's forward pass gives them.
+    (keras-hub's default hook fed the raw embeddings, 1/sqrt(d) of them.)"""
+    from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+
+    # Narrow: Keras' GPTQ visits each input column eagerly (a minute on JAX at TINY's width).
+    narrow = dict(hidden_dim=8, intermediate_dim=16, num_query_heads=2, head_dim=4)
+    lm = make_lm(keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=16), **narrow)
+    fed, token_ids = {}, []
+    block_call, embedding_call = GemmaDecoderBlock.call, type(lm.backbone.token_embedding).call
+
+    def recording_block_call(self, x, *args, **kwargs):
+        if kwargs.get("attention_mask") is None:  # a calibration call: the backbone passes masks
+            fed.setdefault(self.name, []).append(to_numpy(x))
+        return block_call(self, x, *args, **kwargs)
+
+    def recording_embedding_call(self, inputs, *args, **kwargs):
+        token_ids.append(to_numpy(inputs))
+        return embedding_call(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(GemmaDecoderBlock, "call", recording_block_call)
+    monkeypatch.setattr(type(lm.backbone.token_embedding), "call", recording_embedding_call)
+    options = dict(dataset=CORPUS, tokenizer=tokenizer, num_samples=1, sequence_length=12, group_size=-1)
+    if mode == "gptq":
+        config = keras.quantizers.GPTQConfig(**options)
+    else:
+        config = keras.quantizers.AWQConfig(**options, num_grid_points=4)
+    lm.quantize(mode, config=config)
+    assert lm.backbone.transformer_layers[0].attention.query_dense.quantization_mode == mode
+    monkeypatch.undo()
+
+    ids = token_ids[0]  # the calibration sample, (1, 12)
+    real = {}
+
+    def capture(x, i):  # the activations after the embedding (-1) and after each block
+        real[i] = to_numpy(x)
+        return x
+
+    lm.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)}, layer_intercept_fn=capture)
+    embeddings = to_numpy(lm.backbone.token_embedding(ids)) * np.sqrt(narrow["hidden_dim"])
+    np.testing.assert_allclose(real[-1], embeddings, rtol=1e-6)
+    for i, block in enumerate(lm.backbone.transformer_layers):
+        np.testing.assert_allclose(fed[block.name][0], real[i - 1], atol=1e-5, err_msg=block.name)
