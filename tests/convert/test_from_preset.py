@@ -30,17 +30,22 @@ def test_save_to_preset_directories_load_into_each_class(tmp_path, tokenizer):
     assert keras_gemma.GemmaCausalLM.from_preset(str(tmp_path), preprocessor=None).preprocessor is None
 
 
-def test_a_keras_hub_preset_is_refused_by_name(tmp_path):
+def test_a_keras_hub_preset_of_another_model_is_refused_by_name(tmp_path):
+    """keras-hub's Gemma presets load (tests/convert/test_keras_hub.py); its
+    other models' do not."""
     import keras_hub
 
-    keras_hub.models.GemmaBackbone(**TINY).save_to_preset(str(tmp_path))
+    keras_hub.models.LlamaBackbone(
+        vocabulary_size=16, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=8, intermediate_dim=16,
+    ).save_to_preset(str(tmp_path))
     for cls in (
         keras_gemma.GemmaBackbone,
         keras_gemma.GemmaCausalLM,
         keras_gemma.GemmaCausalLMPreprocessor,
         keras_gemma.GemmaTokenizer,
     ):
-        with pytest.raises(ValueError, match=r"holds a keras_hub\..*GemmaBackbone, not a keras_gemma model"):
+        with pytest.raises(ValueError, match=r"holds a keras_hub\..*LlamaBackbone, not a keras_gemma model"):
             cls.from_preset(str(tmp_path))
 
 
