@@ -59,9 +59,15 @@ class GemmaTokenizer(SentencePieceTokenizer):
         super().__init__(proto=proto, **kwargs)
 
     def set_proto(self, proto):
+        # Those present count as special tokens (skipped by `detokenize`'s users, as before).
+        optional = {name for _, name in OPTIONAL_TOKENS}
+        self._special_token_attrs = [a for a in self._special_token_attrs if a not in optional]
         super().set_proto(proto)
         for token, name in OPTIONAL_TOKENS:
-            setattr(self, f"{name}_id", self._id_if_present(token))
+            token_id = self._id_if_present(token)
+            setattr(self, f"{name}_id", token_id)
+            if token_id is not None:
+                self._special_token_attrs.append(name)
 
     def _id_if_present(self, token):
         """`token`'s id, or None when the vocabulary lacks it (SentencePiece
