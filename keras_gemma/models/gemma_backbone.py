@@ -289,21 +289,9 @@ class GemmaBackbone(Backbone):
         lora.merge_lora_weights(self)
 
     def export_to_keras_hub(self, preset_dir, max_shard_size=10):
-        """Saves this model as a preset keras-hub's own `from_preset` loads:
-        its `GemmaBackbone` (Gemma 1 and 2) or `Gemma3Backbone`, kernels in
-        its layout. `save_to_preset` keeps keras_gemma's layout, which
-        loads here without conversion; keras_gemma reads both.
-
-        Args:
-            preset_dir: the directory to write.
-            max_shard_size: GB per weights file (keras-hub's `save_to_preset`).
-
-        Example:
-        ```python
-        gemma_lm.export_to_keras_hub("gemma_for_keras_hub")
-        keras_hub.models.CausalLM.from_preset("gemma_for_keras_hub")
-        ```
-        """
+        """Saves this backbone as a preset of keras-hub's `GemmaBackbone`
+        (Gemma 1 and 2) or `Gemma3Backbone`, which keras-hub's own
+        `from_preset` loads (see `GemmaCausalLM.export_to_keras_hub`)."""
         from keras_gemma.convert import keras_hub_format
 
         keras_hub_format.export(self, preset_dir, max_shard_size)

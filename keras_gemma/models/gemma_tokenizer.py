@@ -59,15 +59,24 @@ class GemmaTokenizer(SentencePieceTokenizer):
         super().__init__(proto=proto, **kwargs)
 
     def set_proto(self, proto):
-        # Those present count as special tokens (skipped by `detokenize`'s users, as before).
-        optional = {name for _, name in OPTIONAL_TOKENS}
-        self._special_token_attrs = [a for a in self._special_token_attrs if a not in optional]
         super().set_proto(proto)
         for token, name in OPTIONAL_TOKENS:
-            token_id = self._id_if_present(token)
-            setattr(self, f"{name}_id", token_id)
-            if token_id is not None:
-                self._special_token_attrs.append(name)
+            setattr(self, f"{name}_id", self._id_if_present(token))
+
+    @property
+    def special_tokens(self):
+        """keras-hub's (`<bos>`, `<eos>`, `<pad>`) and the optional ones the
+        vocabulary holds."""
+        return list(set(super().special_tokens) | {token for token, _ in self._optional_present()})
+
+    @property
+    def special_token_ids(self):
+        return list(set(super().special_token_ids) | {token_id for _, token_id in self._optional_present()})
+
+    def _optional_present(self):
+        """`[(token, id)]` of the optional tokens the vocabulary holds."""
+        pairs = [(token, getattr(self, f"{name}_id", None)) for token, name in OPTIONAL_TOKENS]
+        return [(token, token_id) for token, token_id in pairs if token_id is not None]
 
     def _id_if_present(self, token):
         """`token`'s id, or None when the vocabulary lacks it (SentencePiece

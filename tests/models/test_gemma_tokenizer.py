@@ -65,6 +65,15 @@ def test_keras_hub_rule_bos_eos_pad_required_chat_tokens_looked_up():
     assert (tokenizer.pad_token_id, tokenizer.start_token_id, tokenizer.end_token_id) == (0, 1, 2)
     assert tokenizer.unk_token_id == 3
     assert tokenizer.start_of_turn_token_id is None and tokenizer.end_of_turn_token_id is None
+    assert sorted(tokenizer.special_tokens) == ["<bos>", "<eos>", "<pad>", "<unk>"]
+    assert sorted(tokenizer.special_token_ids) == [0, 1, 2, 3]
+
+
+def test_chat_tokens_present_are_special_tokens(tokenizer):
+    """As before they became optional: generation leaves them out of text."""
+    for token in ("<start_of_turn>", "<end_of_turn>", "<unk>", "<bos>", "<eos>", "<pad>"):
+        assert token in tokenizer.special_tokens
+        assert tokenizer.token_to_id(token) in tokenizer.special_token_ids
     assert list(np.asarray(tokenizer("The quick brown fox jumped."))) != []
 
 
