@@ -1,9 +1,21 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The hubs offline, with caches of the suite's own (set before huggingface_hub is
+# imported: it reads them once): tests place files in them, never download.
+_HUB_CACHES = tempfile.mkdtemp(prefix="keras_gemma_test_hubs_")
+atexit.register(shutil.rmtree, _HUB_CACHES, ignore_errors=True)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = os.path.join(_HUB_CACHES, "huggingface")
+os.environ["KAGGLEHUB_CACHE"] = os.path.join(_HUB_CACHES, "kagglehub")
+os.environ.pop("HF_HUB_CACHE", None)
 
 import helpers  # noqa: E402
 

@@ -7,11 +7,18 @@ A preset is one of:
   config is known to hold a keras_gemma model;
 - a directory written by keras-hub's `save_to_preset` for its `GemmaBackbone` or
   `Gemma3Backbone` (`keras_hub_format.py`);
+- one of keras-hub's Gemma preset names, or a `kaggle://` or `hf://` handle: fetched
+  through `kagglehub` / `huggingface_hub` and their caches (`hub.py`), then read as
+  the directory it is; a backbone with `load_weights=False` of a name in
+  `keras_gemma.presets.PRESETS` is built from that table, with nothing fetched;
 - a name in `keras_gemma.presets.PRESETS` (an architecture, no weights);
 - a `.gguf` file (llama.cpp);
-- a Hugging Face Transformers directory (`config.json` with a `model_type`).
+- a Hugging Face Transformers directory (`config.json` with a `model_type`);
+- an official Gemma Flax checkpoint: an orbax directory without `config.json`, or
+  Kaggle's directory holding one beside `tokenizer.model` (`flax.py`).
 
-The last four are read by loaders of this package, each an object with
+Except directories written by `save_to_preset`, these are read by loaders of this
+package, each an object with
 `backbone_config()` (`GemmaBackbone` arguments), `check_weights()` (fails before a
 model is built when there are none to load), `load_weights(backbone)` (all or nothing),
 `has_tokenizer` and `load_tokenizer(cls, **kwargs)`. Nothing here imports a model class
@@ -28,6 +35,7 @@ import keras
 import keras_hub
 
 from keras_gemma import presets
+from keras_gemma.convert import hub
 from keras_gemma.convert import keras_hub_format
 
 # The kinds of class `from_preset` builds, told by keras-hub's public base classes.
@@ -58,7 +66,16 @@ def from_preset(cls, preset, keras_from_preset, **kwargs):
             others, all go to the constructor of `cls`.
     """
     kind = _kind(cls)
-    source = open_preset(preset)
+    if hub.is_hub_preset(preset):
+        architecture_only = kind is keras_hub.models.Backbone and not kwargs.get("load_weights", True)
+        if architecture_only and preset in presets.PRESETS:
+            # keras-hub fetches the preset's config for this; keras_gemma knows it.
+            source = open_preset(preset)
+        else:
+            preset = hub.download(preset)
+            source = open_preset(preset)
+    else:
+        source = open_preset(preset)
     if isinstance(source, KerasPreset):
         _check_keras_preset(source, cls, kind)
         built = keras_from_preset(preset, **kwargs)
@@ -101,9 +118,15 @@ def open_preset(preset):
     directory = os.fspath(preset)
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
+        from keras_gemma.convert import flax
+
+        checkpoint = flax.find_checkpoint(directory)
+        if checkpoint is not None:
+            return flax.FlaxLoader(checkpoint)
         raise FileNotFoundError(
             f"{config_path} not found: a preset directory holds a config.json "
-            "(written by `save_to_preset`, or a Hugging Face Transformers checkpoint)."
+            "(written by `save_to_preset`, or a Hugging Face Transformers checkpoint), "
+            "or is an official Gemma Flax checkpoint (orbax's `_METADATA`, ...)."
         )
     with open(config_path, encoding="utf-8") as f:
         try:
@@ -153,6 +176,16 @@ def load_task(cls, loader, load_weights=True, **kwargs):
         has_preprocessor = cls.preprocessor_cls is not None and loader.has_tokenizer
         kwargs["preprocessor"] = load_preprocessor(cls.preprocessor_cls, loader) if has_preprocessor else None
     if "backbone" not in kwargs:
+        preprocessor = kwargs["preprocessor"]
+        if preprocessor is not None and getattr(preprocessor, "tokenizer", None) is not None:
+            # Before gigabytes of weights are read (the model checks again).
+            pieces = preprocessor.tokenizer.vocabulary_size()
+            rows = loader.backbone_config()["vocabulary_size"]
+            if pieces > rows:
+                raise ValueError(
+                    f"The tokenizer of this preset has {pieces} pieces, but its embedding has "
+                    f"{rows} rows: ids {rows} and up would have no embedding."
+                )
         backbone_kwargs = {"dtype": kwargs.pop("dtype")} if "dtype" in kwargs else {}
         kwargs["backbone"] = load_backbone(cls.backbone_cls, loader, load_weights, **backbone_kwargs)
     return cls(**kwargs)
