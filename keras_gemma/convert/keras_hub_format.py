@@ -18,6 +18,7 @@ before any is copied (`weights.assign_weights`).
 
 import copy
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -109,6 +110,13 @@ def keras_hub_backbone_config(backbone):
             "attention_logit_soft_cap", "final_logit_soft_cap", "layer_norm_epsilon", "dropout",
         )
     }
+    if not normalize and c["head_dim"] != c["hidden_dim"] / c["num_query_heads"]:
+        # keras-hub's GemmaDecoderBlock builds its attention with
+        # query_head_dim_normalize=True whatever its config says.
+        raise unsupported(
+            f"queries scaled by (hidden_dim / num_query_heads) ** -0.5 = ({c['hidden_dim']}/{c['num_query_heads']}) ** -0.5",
+            "are scaled by head_dim ** -0.5 there (its decoder block ignores query_head_dim_normalize=False)",
+        )
     config.update(query_head_dim_normalize=normalize, dtype=c["dtype"])
     sliding = _SLIDING in layer_types
     if gemma3:
@@ -177,13 +185,98 @@ def copy_from_keras_hub(theirs, backbone, source):
     assign_weights({name: tensors for name in tensors.shapes}, weight_map(backbone))
 
 
-def to_keras_hub(backbone):
-    """A keras-hub backbone equal to our `backbone`, weights included."""
+def keras_hub_backbone(backbone):
+    """keras-hub's backbone of our `backbone`'s architecture (its own random
+    weights)."""
     import keras_hub
 
     registered_name, config = keras_hub_backbone_config(backbone)
     cls = keras_hub.models.GemmaBackbone if registered_name == GEMMA else keras_hub.models.Gemma3Backbone
-    theirs = cls(**config)
+    return cls(**config)
+
+
+def keras_hub_weights_level(path):
+    """`"backbone"` or `"task"` if `path` is a `.weights.h5` file keras-hub's
+    Gemma models wrote (`save_weights`: its feed-forward layers are
+    `gating_ffw`, `gating_ffw_2`, `ffw_linear`; ours sit under
+    `feed_forward/`), else None."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return None  # not HDF5: Keras' own load_weights says what it is
+    with f:
+        names = []
+        f.visit(names.append)
+    if not any(name.endswith(("/gating_ffw", "/ffw_linear")) for name in names):
+        return None
+    task = any(name.startswith(("layers/gemma_backbone/", "layers/gemma3_backbone/")) for name in names)
+    return "task" if task else "backbone"
+
+
+def load_if_keras_hub_weights(backbone, path, skip_mismatch, kwargs):
+    """Loads `path` onto `backbone` if it is keras-hub's `.weights.h5`
+    (`keras_hub_weights_level`); whether it was (else Keras' own
+    `load_weights` reads it)."""
+    path = os.fspath(path)
+    level = keras_hub_weights_level(path) if path.endswith(".weights.h5") else None
+    if level is None:
+        return False
+    if skip_mismatch or kwargs:
+        raise ValueError(
+            f"{path} is keras-hub's layout, converted whole: skip_mismatch and {sorted(kwargs)} do not apply."
+        )
+    load_keras_hub_weights(backbone, path, level)
+    return True
+
+
+def load_keras_hub_weights(backbone, path, level):
+    """keras-hub's `.weights.h5` at `path` (`level` as
+    `keras_hub_weights_level` tells) onto our `backbone`: keras-hub's own
+    model of this architecture reads it (Keras' `load_weights`), then every
+    variable is checked and copied (`copy_from_keras_hub`)."""
+    import keras_hub
+
+    theirs = keras_hub_backbone(backbone)
+    holder = theirs
+    if level == "task":
+        task_cls = keras_hub.models.Gemma3CausalLM if isinstance(theirs, keras_hub.models.Gemma3Backbone) else keras_hub.models.GemmaCausalLM
+        holder = task_cls(backbone=theirs, preprocessor=None)
+    mismatch = f"{path} holds keras-hub Gemma weights that do not fit this model's architecture"
+    # Keras reads a file with more blocks than the model without a word: the
+    # weight tensors are counted and their shapes compared first (scalars
+    # aside: a task's file holds random-seed states too).
+    stored = sorted(shape for shape in _stored_shapes(path) if shape)
+    expected = sorted(tuple(w.shape) for w in holder.weights if w.shape)
+    if stored != expected:
+        raise ValueError(
+            f"{mismatch}: the file has {len(stored)} tensors, keras-hub's {type(holder).__name__} "
+            f"of it {len(expected)}, and their shapes differ ({sorted(set(stored) ^ set(expected))[:4]})."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns before it raises on a mismatch
+            holder.load_weights(path)
+    except ValueError as error:
+        raise ValueError(f"{mismatch} (keras-hub's {type(holder).__name__} of it could not read them): {error}") from error
+    copy_from_keras_hub(theirs, backbone, path)
+
+
+def _stored_shapes(path):
+    """The shape of every tensor a `.weights.h5` file holds."""
+    import h5py
+
+    shapes = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: shapes.append(tuple(item.shape)) if isinstance(item, h5py.Dataset) else None)
+    return shapes
+
+
+def to_keras_hub(backbone):
+    """A keras-hub backbone equal to our `backbone`, weights included."""
+    theirs = keras_hub_backbone(backbone)
+    cls = type(theirs)
     by_path = {v.path: v for v in theirs.weights}
     entries = weight_map(backbone)
     missing = sorted(set(by_path) - {name for name, *_ in entries})

@@ -16,27 +16,35 @@ from tqdm.auto import tqdm
 IGNORED = ("lm_head.weight",)
 
 
+class Transform:
+    """A tensor's way from the transformers layout to a variable's
+    (`transform(tensor)`), and back (`transform.inverse(value)`, for export)."""
+
+    def __init__(self, forward, inverse):
+        self._forward, self.inverse = forward, inverse
+
+    def __call__(self, tensor):
+        return self._forward(tensor)
+
+
 def weight_map(backbone, prefix="model."):
     """`[(tensor name, tensor shape, variable, transform)]` for every variable of
     `backbone`; `prefix` is where the decoder's tensors live (`model.` in text
-    checkpoints, `model.language_model.` in image-text Gemma 3 ones)."""
+    checkpoints, `model.language_model.` in image-text Gemma 3 ones). Each
+    `transform` is a `Transform`: its `inverse` gives the tensor back."""
     n, k, h = backbone.num_query_heads, backbone.num_key_value_heads, backbone.head_dim
     d, f = backbone.hidden_dim, backbone.intermediate_dim // 2
     v = backbone.vocabulary_size
 
-    def same(w):
-        return w
-
-    def transpose(w):
-        return w.T
+    same = Transform(lambda w: w, lambda w: w)
+    transpose = Transform(np.transpose, np.transpose)
 
     def rows_to_heads(heads):
-        # q/k/v_proj (heads * head_dim, hidden) -> kernel (hidden, heads, head_dim)
-        return lambda w: w.T.reshape(d, heads, h)
+        # q/k/v_proj (heads * head_dim, hidden) <-> kernel (hidden, heads, head_dim)
+        return Transform(lambda w: w.T.reshape(d, heads, h), lambda w: w.reshape(d, heads * h).T)
 
-    def columns_to_heads(w):
-        # o_proj (hidden, heads * head_dim) -> kernel (heads, head_dim, hidden)
-        return w.T.reshape(n, h, d)
+    # o_proj (hidden, heads * head_dim) <-> kernel (heads, head_dim, hidden)
+    columns_to_heads = Transform(lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T)
 
     entries = [
         (prefix + "embed_tokens.weight", (v, d), backbone.token_embedding.embeddings, same),

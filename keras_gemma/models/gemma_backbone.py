@@ -273,20 +273,44 @@ class GemmaBackbone(Backbone):
         """
         lora.enable_lora(self, rank, alpha=alpha, target_layer_names=target_layer_names)
 
-    def save_lora_weights(self, filepath):
-        """Writes the adapters (with rank, alpha and targets) to a
-        safetensors file, for example `"adapter.lora.safetensors"`."""
-        lora.save_lora_weights(self, filepath)
+    def save_lora_weights(self, filepath, format=None):
+        """Writes the adapters, in the format `filepath` names:
 
-    def load_lora_weights(self, filepath):
-        """Loads adapters written by `save_lora_weights`, under any backend,
-        enabling LoRA with the file's settings if needed; any mismatch is an
-        error and nothing is assigned."""
-        lora.load_lora_weights(self, filepath)
+        - `*.lora.h5`: keras-hub's file (its `load_lora_weights` reads it;
+          the scale `alpha / rank` is folded into the factors, as keras-hub
+          has none);
+        - a directory (existing, or `format="peft"`): a PEFT adapter
+          (`adapter_config.json`, `adapter_model.safetensors`) for
+          transformers' model of this backbone (`export_to_transformers`);
+        - any other name: keras_gemma's safetensors file, with rank, alpha
+          and targets, for example `"adapter.lora.safetensors"`.
+
+        `format` (`"keras_gemma"`, `"keras_hub"`, `"peft"`) overrides the name.
+        """
+        lora.save_lora_weights(self, filepath, format)
+
+    def load_lora_weights(self, filepath, format=None):
+        """Loads adapters of any format `save_lora_weights` writes (told by
+        the name, or `format`), under any backend, enabling LoRA if needed;
+        any mismatch is an error and nothing is assigned. A PEFT adapter of
+        rank r on `q_proj` is exactly a rank `num_query_heads * r` adapter
+        here (Keras' adapters of a per-head kernel have one factor per head),
+        so LoRA is enabled with the rank that holds every factor."""
+        lora.load_lora_weights(self, filepath, format)
 
     def merge_lora_weights(self):
         """Adds each adapter into its kernel and removes the adapters."""
         lora.merge_lora_weights(self)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras' `load_weights`, which also reads the `.weights.h5` files
+        keras-hub's `GemmaBackbone` / `Gemma3Backbone` (or their causal LMs)
+        write with `save_weights`: their layout is told from ours by its
+        layer names, and converted (every tensor checked first)."""
+        from keras_gemma.convert import keras_hub_format
+
+        if not keras_hub_format.load_if_keras_hub_weights(self, filepath, skip_mismatch, kwargs):
+            super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
     def export_to_keras_hub(self, preset_dir, max_shard_size=10):
         """Saves this backbone as a preset of keras-hub's `GemmaBackbone`
@@ -295,6 +319,14 @@ class GemmaBackbone(Backbone):
         from keras_gemma.convert import keras_hub_format
 
         keras_hub_format.export(self, preset_dir, max_shard_size)
+
+    def export_to_transformers(self, path, max_shard_size="5GB", dtype=None):
+        """Saves this backbone as a Hugging Face Transformers checkpoint
+        (config and sharded safetensors, no tokenizer; see
+        `GemmaCausalLM.export_to_transformers`)."""
+        from keras_gemma.convert import transformers_export
+
+        transformers_export.export(self, None, path, max_shard_size, dtype)
 
     def quantize(self, mode=None, **kwargs):
         """`keras.Model.quantize`, without a full garbage collection per
@@ -426,11 +458,16 @@ class GemmaBackbone(Backbone):
         """Builds a backbone from a preset, loading its weights.
 
         Args:
-            preset: a directory written by `save_to_preset` (keras_gemma's
-                or keras-hub's, for its Gemma and Gemma 3 backbones), a local
-                Hugging Face Transformers directory (`config.json`, `*.safetensors`),
-                a `.gguf` file, or a name in `keras_gemma.presets.PRESETS`
-                (architecture only: use `load_weights=False`).
+            preset: one of keras-hub's Gemma preset names (`"gemma_2b_en"`:
+                its Kaggle handle), a `kaggle://` or `hf://` handle (fetched
+                with `kagglehub` / `huggingface_hub`, their caches and offline
+                modes honoured), a directory written by `save_to_preset`
+                (keras_gemma's or keras-hub's, for its Gemma and Gemma 3
+                backbones), a Hugging Face Transformers directory
+                (`config.json`, `*.safetensors`), an official Flax / orbax
+                checkpoint, a `.gguf` file, or a name in
+                `keras_gemma.presets.PRESETS` with `load_weights=False` (the
+                architecture alone, nothing fetched).
             load_weights: bool. Load the weights (True) or keep random ones.
             **kwargs: constructor overrides, for example `dtype="bfloat16"`.
 

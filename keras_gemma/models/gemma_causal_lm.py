@@ -16,6 +16,22 @@ from keras_gemma.models.gemma_backbone import collections_frozen
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 
 
+def check_vocabulary_fits(preprocessor, vocabulary_size):
+    """A `ValueError` if the preprocessor's tokenizer makes ids the embedding
+    has no row for (fewer pieces than rows is fine: the released Gemma 1 and
+    2 checkpoints pad theirs)."""
+    tokenizer = getattr(preprocessor, "tokenizer", None)
+    if tokenizer is None or tokenizer.proto is None:
+        return  # no vocabulary yet (from_config: the assets load afterwards)
+    pieces = tokenizer.vocabulary_size()
+    if pieces > vocabulary_size:
+        raise ValueError(
+            f"The tokenizer has {pieces} pieces, but the model's embedding has "
+            f"{vocabulary_size} rows: ids {vocabulary_size} and up would have no embedding. "
+            "Is the tokenizer of another model?"
+        )
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaCausalLM(CausalLM):
     """A Gemma backbone with the tied output projection: next-token logits.
@@ -49,6 +65,7 @@ class GemmaCausalLM(CausalLM):
     preprocessor_cls = GemmaCausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
+        check_vocabulary_fits(preprocessor, backbone.vocabulary_size)
         self.backbone = backbone
         self.preprocessor = preprocessor
         # Set before keras-hub's constructor, which compiles the model.
@@ -60,11 +77,19 @@ class GemmaCausalLM(CausalLM):
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Builds the model, with its tokenizer, from a preset: a directory
-        written by `save_to_preset`, a local Hugging Face Transformers
-        directory, a `.gguf` file, or a name in `keras_gemma.presets.PRESETS`
-        (architecture only: `load_weights=False`, no preprocessor). `kwargs`:
-        for example `dtype="bfloat16"`, or `preprocessor=None`."""
+        """Builds the model, with its tokenizer, from a preset: keras-hub's
+        preset names (`"gemma_2b_en"`), `kaggle://` and `hf://` handles, a
+        directory written by `save_to_preset` (keras_gemma's or keras-hub's),
+        a Hugging Face Transformers directory, an official Flax / orbax
+        checkpoint, a `.gguf` file (see `GemmaBackbone.from_preset`). `kwargs`:
+        for example `dtype="bfloat16"`, or `preprocessor=None`.
+
+        Example:
+        ```python
+        gemma_lm = keras_gemma.GemmaCausalLM.from_preset("gemma2_instruct_2b_en")
+        gemma_lm = keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-3-1b-it")
+        ```
+        """
         from keras_gemma import convert
 
         return convert.from_preset(cls, preset, super().from_preset, load_weights=load_weights, **kwargs)
@@ -170,6 +195,14 @@ class GemmaCausalLM(CausalLM):
         self.generate_function = None
         self._stream_functions = None
 
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras' `load_weights`, which also reads the `.weights.h5` files
+        keras-hub's Gemma models write (see `GemmaBackbone.load_weights`)."""
+        from keras_gemma.convert import keras_hub_format
+
+        if not keras_hub_format.load_if_keras_hub_weights(self.backbone, filepath, skip_mismatch, kwargs):
+            super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
     def export_to_keras_hub(self, preset_dir, max_shard_size=10):
         """Saves this model as a preset keras-hub's own `from_preset` loads:
         its `GemmaCausalLM` or `Gemma3CausalLM` (text), kernels in its layout,
@@ -191,6 +224,54 @@ class GemmaCausalLM(CausalLM):
 
         keras_hub_format.export(self, preset_dir, max_shard_size)
 
+    def export_to_transformers(self, path, max_shard_size="5GB", dtype=None):
+        """Saves this model as a Hugging Face Transformers checkpoint that
+        `AutoModelForCausalLM.from_pretrained(path)` loads (and vLLM, SGLang
+        or TGI serve): `config.json` (`gemma`, `gemma2` or `gemma3_text`),
+        safetensors shards with their index, and the preprocessor's
+        tokenizer (`tokenizer.model` and its configs).
+
+        Args:
+            path: the directory to write.
+            max_shard_size: the largest weights file, in bytes or as a string
+                such as `"5GB"` (as transformers' `save_pretrained`).
+            dtype: the dtype of the saved tensors (`"float32"`, `"bfloat16"`,
+                `"float16"`); by default the backbone's variable dtype.
+
+        Example:
+        ```python
+        gemma_lm.export_to_transformers("gemma_hf")
+        transformers.AutoModelForCausalLM.from_pretrained("gemma_hf")
+        ```
+        """
+        from keras_gemma.convert import transformers_export
+
+        tokenizer = None if self.preprocessor is None else self.preprocessor.tokenizer
+        transformers_export.export(self.backbone, tokenizer, path, max_shard_size, dtype)
+
+    def export_to_gguf(self, path, type="f32"):
+        """Saves this model, tokenizer included, as one GGUF file that
+        llama.cpp (and Ollama, LM Studio) runs.
+
+        Args:
+            path: the `.gguf` file to write.
+            type: the tensor type: `"f32"`, `"f16"` or `"q8_0"` (llama.cpp's
+                8-bit blocks; norms stay float32, as llama.cpp writes them).
+
+        Example:
+        ```python
+        gemma_lm.export_to_gguf("gemma.gguf", type="q8_0")
+        ```
+        """
+        from keras_gemma.convert import gguf_export
+
+        if self.preprocessor is None:
+            raise ValueError(
+                "export_to_gguf writes the tokenizer into the file, and this model has "
+                "no preprocessor: build it with one (GemmaCausalLM(backbone, preprocessor))."
+            )
+        gguf_export.export(self.backbone, self.preprocessor.tokenizer, path, type)
+
     def get_quantization_layer_structure(self, mode=None):
         """Keras' hook for GPTQ and AWQ calibration: the blocks in order, and
         before them the backbone's own `embed` (embeddings times
@@ -207,11 +288,29 @@ class GemmaCausalLM(CausalLM):
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """One cached forward step of `token_ids` `(batch, seq)` at positions
         `cache_update_index...` (see `GemmaBackbone.call_with_cache`):
-        `(logits, hidden_states, cache)`."""
+        `(logits, hidden_states, cache)`. `cache` is ours (a tuple, one
+        tensor per layer: `backbone.init_cache`) or keras-hub's, one tensor
+        `(batch, num_layers, 2, length, num_key_value_heads, head_dim)` (as
+        its `_build_cache` makes), given back in the layout it came in."""
+        stacked = not isinstance(cache, (tuple, list))
+        if stacked:
+            cache = tuple(cache[:, i] for i in range(self.backbone.num_layers))
         hidden_states, cache = self.backbone.call_with_cache(
             token_ids, cache, cache_update_index
         )
+        if stacked:
+            cache = ops.stack(cache, axis=1)
         return self.backbone.logits(hidden_states), hidden_states, cache
+
+    def _build_cache(self, token_ids):
+        """keras-hub's: `(hidden_states, cache)` of `token_ids` run from
+        position 0 over a cache as long as they are, in keras-hub's stacked
+        layout (for code written against keras-hub's `call_with_cache`)."""
+        batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        b = self.backbone
+        cache = ops.zeros((batch_size, b.num_layers, 2, length, b.num_key_value_heads, b.head_dim), b.compute_dtype)
+        _, hidden_states, cache = self.call_with_cache(token_ids, cache, 0)
+        return hidden_states, cache
 
     def generate(
         self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False, truncate_prompt=False

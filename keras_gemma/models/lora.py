@@ -8,9 +8,12 @@ metadata: it loads under any backend.
 """
 
 import json
+import os
 
 import numpy as np
 from keras import ops
+
+from keras_gemma.convert import lora_files
 
 # The projections LoRA can target, by layer name (as in keras-hub's Gemma).
 LORA_TARGETS = (
@@ -40,9 +43,8 @@ def projections(backbone):
     """Every projection LoRA can target, block by block (named as in
     `LORA_TARGETS`)."""
     for block in backbone.transformer_layers:
-        attention, ffw = block.attention, block.feed_forward
-        yield from (attention.query_dense, attention.key_dense, attention.value_dense)
-        yield from (attention.output_dense, ffw.gate, ffw.up, ffw.down)
+        for name in LORA_TARGETS:
+            yield lora_files.projection(block, name)
 
 
 def target_layers(backbone, names):
@@ -102,7 +104,7 @@ def _lora_variables(backbone):
 
 def _require_lora(backbone):
     if getattr(backbone, "_lora_rank", None) is None:
-        raise ValueError("LoRA is not enabled: call `backbone.enable_lora(rank)` first.")
+        raise ValueError("There are no lora-enabled layers in this model: call `backbone.enable_lora(rank)` first.")
 
 
 def _metadata(backbone):
@@ -116,7 +118,56 @@ def _metadata(backbone):
     }
 
 
-def save_lora_weights(backbone, path):
+def lora_file_format(path, format=None, saving=False):
+    """Which adapter format `path` is: `"keras_hub"` (`*.lora.h5`), `"peft"`
+    (a directory: with `adapter_config.json` to read; any, or `format`, to
+    write) or `"keras_gemma"` (a safetensors file: any other name to read,
+    `*.safetensors` to write, as keras-hub demands its suffix)."""
+    formats = ("keras_gemma", "keras_hub", "peft")
+    if format is not None:
+        if format not in formats:
+            raise ValueError(f"format={format!r}; LoRA files are one of {formats}.")
+        return format
+    path = str(path)
+    if path.endswith(".lora.h5"):
+        return "keras_hub"
+    if os.path.isdir(path):
+        if saving or os.path.isfile(os.path.join(path, "adapter_config.json")):
+            return "peft"
+        raise ValueError(f"'{path}' is a directory without adapter_config.json: not a PEFT adapter.")
+    if saving and not path.endswith(".safetensors"):
+        # keras-hub's rule for its files (its message), and ours for ours.
+        raise ValueError(
+            "The filename must end in `.lora.h5` (keras-hub's LoRA file) or `.safetensors` "
+            "(keras_gemma's); for a PEFT adapter directory pass format='peft'. "
+            f"Received: filepath={path}"
+        )
+    return "keras_gemma"
+
+
+def _factors(backbone, fold_scale):
+    """`{(block, target): (a, b)}` of the backbone's adapters as numpy, the
+    scale `alpha / rank` folded into `a` if `fold_scale`."""
+    _require_lora(backbone)
+    scale = backbone._lora_alpha / backbone._lora_rank if fold_scale else 1.0
+    factors = {}
+    for i, block in enumerate(backbone.transformer_layers):
+        for name in backbone._lora_targets:
+            layer = lora_files.projection(block, name)
+            a = ops.convert_to_numpy(layer.lora_kernel_a).astype(np.float32) * np.float32(scale)
+            factors[(i, name)] = (a, ops.convert_to_numpy(layer.lora_kernel_b).astype(np.float32))
+    return factors
+
+
+def save_lora_weights(backbone, path, format=None):
+    format = lora_file_format(path, format, saving=True)
+    if format == "keras_hub":
+        _require_lora(backbone)
+        lora_files.write_keras_hub(str(path), backbone, _factors(backbone, fold_scale=True), backbone._lora_rank)
+        return
+    if format == "peft":
+        lora_files.write_peft(str(path), backbone, _factors(backbone, fold_scale=False), backbone._lora_rank, backbone._lora_alpha)
+        return
     from safetensors.numpy import save_file
 
     tensors = {
@@ -126,7 +177,15 @@ def save_lora_weights(backbone, path):
     save_file(tensors, str(path), metadata=_metadata(backbone))
 
 
-def load_lora_weights(backbone, path):
+def load_lora_weights(backbone, path, format=None):
+    format = lora_file_format(path, format)
+    if format == "keras_hub":
+        rank, factors = lora_files.read_keras_hub(str(path), backbone)
+        _assign_factors(backbone, factors, str(path), rank)
+        return
+    if format == "peft":
+        _assign_factors(backbone, lora_files.read_peft(str(path), backbone), str(path))
+        return
     from safetensors import safe_open
 
     path = str(path)
@@ -179,6 +238,58 @@ def load_lora_weights(backbone, path):
     # Every check passed: now assign (never half-loaded).
     for name, v in variables.items():
         v.assign(tensors[name])
+
+
+def _assign_factors(backbone, factors, source, rank=None):
+    """Puts another library's adapter (`{(block, target): (a, b)}`, scale
+    folded into the product) onto `backbone`: LoRA enabled with the file's
+    `rank` (or the smallest that holds every factor) and `alpha = rank` if it
+    is not, the factors zero-padded to the backbone's rank and divided by its
+    scale; all checked before anything changes."""
+    names = {name for _, name in factors}
+    targets = tuple(name for name in LORA_TARGETS if name in names)
+    blocks = range(len(backbone.transformer_layers))
+    partial = [(i, name) for i in blocks for name in targets if (i, name) not in factors]
+    if partial:
+        raise ValueError(
+            f"'{source}' adapts {list(targets)} but not block {partial[0][0]}'s {partial[0][1]}: "
+            "keras_gemma's adapters cover every block."
+        )
+    needed = max(a.shape[-1] for a, _ in factors.values())
+    enabled = getattr(backbone, "_lora_rank", None) is not None
+    if enabled:
+        mine = (backbone._lora_rank, tuple(backbone._lora_targets))
+        if tuple(backbone._lora_targets) != targets or (rank or needed) > backbone._lora_rank or (
+            rank is not None and rank != backbone._lora_rank
+        ):
+            raise ValueError(
+                f"'{source}' holds LoRA rank={rank or needed}, targets={list(targets)}, but this "
+                f"backbone has rank={mine[0]}, targets={list(mine[1])}: both ranks must match "
+                "(a PEFT adapter: at most this rank), and the targets."
+            )
+        own_rank, scale = backbone._lora_rank, backbone._lora_alpha / backbone._lora_rank
+    else:
+        own_rank, scale = rank or needed, 1.0
+    values = {}
+    for (i, name), (a, b) in factors.items():
+        layer = lora_files.projection(backbone.transformer_layers[i], name)
+        kernel = tuple(layer.kernel.shape)
+        r = a.shape[-1]
+        expected = (kernel[:-1] + (r,), (r, kernel[-1]))
+        if (tuple(a.shape), tuple(b.shape)) != expected or r > own_rank:
+            raise ValueError(
+                f"'{source}': block {i} {name} has factors {tuple(a.shape)} and {tuple(b.shape)}; "
+                f"this model's {kernel} kernel takes {expected[0]} and {expected[1]} (rank at most {own_rank})."
+            )
+        pad = own_rank - r
+        a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]) / np.float32(scale)
+        values[(i, name)] = (a.astype(np.float32), np.pad(b, [(0, pad), (0, 0)]).astype(np.float32))
+    if not enabled:
+        enable_lora(backbone, own_rank, alpha=own_rank, target_layer_names=targets)
+    for (i, name), (a, b) in values.items():
+        layer = lora_files.projection(backbone.transformer_layers[i], name)
+        layer.lora_kernel_a.assign(a)
+        layer.lora_kernel_b.assign(b)
 
 
 def merge_lora_weights(backbone):

@@ -4,6 +4,7 @@ itself builds, saves and loads the models compared with (its
 
 import os
 
+import keras
 import keras_hub
 import numpy as np
 import pytest
@@ -122,3 +123,70 @@ def test_model_keras_hub_cannot_hold_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="rope_max_wavelength=500.0"):
         backbone.export_to_keras_hub(str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_query_scaling_keras_hub_ignores_is_refused(tmp_path):
+    """keras-hub's GemmaDecoderBlock scales queries by head_dim ** -0.5 even
+    when its config says query_head_dim_normalize=False (Gemma 2 27B's
+    setting); so a model scaled by hidden_dim / num_query_heads is not
+    exported to compute differently there. The second half shows keras-hub's
+    behaviour: when it changes, this refusal can go."""
+    backbone = keras_gemma.GemmaBackbone(
+        vocabulary_size=VOCABULARY, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=32, intermediate_dim=32, head_dim=8, query_head_dim_normalize=False,
+    )
+    with pytest.raises(ValueError, match=r"ignores query_head_dim_normalize=False"):
+        backbone.export_to_keras_hub(str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+    config = dict(
+        vocabulary_size=VOCABULARY, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=32, intermediate_dim=32, head_dim=8,
+    )
+    token_ids = np.array([[2, 5, 9, 13]])
+    outputs = []
+    for normalize in (True, False):
+        keras.utils.set_random_seed(4)
+        theirs = keras_hub.models.GemmaBackbone(**config, query_head_dim_normalize=normalize)
+        outputs.append(to_numpy(theirs({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("name", ["gemma_multi_head", "gemma3"])
+def test_keras_hub_weights_files_load(tmp_path, name):
+    """`load_weights` of keras-hub's own `.weights.h5` (backbone or task
+    level): keras-hub's logits; a file of another architecture is an error
+    and the model is unchanged."""
+    theirs = random_keras_hub_backbone(name, seed=7)
+    expected = to_numpy(theirs.token_embedding(theirs(INPUTS), reverse=True))
+    theirs.save_weights(str(tmp_path / "backbone.weights.h5"))
+    task_cls = keras_hub.models.Gemma3CausalLM if name == "gemma3" else keras_hub.models.GemmaCausalLM
+    task_cls(backbone=theirs, preprocessor=None).save_weights(str(tmp_path / "task.weights.h5"))
+    _, config = CASES[name]
+    from keras_gemma.convert import keras_hub_format
+
+    ours_config = keras_hub_format.backbone_config(
+        keras_hub_format.GEMMA3 if name == "gemma3" else keras_hub_format.GEMMA, theirs.get_config(), "test"
+    )
+    valid = INPUTS["padding_mask"].astype(bool)
+    backbone = keras_gemma.GemmaBackbone(**ours_config)
+    backbone.load_weights(tmp_path / "backbone.weights.h5")
+    got = to_numpy(backbone.logits(backbone(INPUTS)))
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-5, rtol=1e-5)
+    lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**ours_config))
+    lm.load_weights(str(tmp_path / "task.weights.h5"))
+    np.testing.assert_allclose(to_numpy(lm(INPUTS))[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+    fewer = {**ours_config, "num_layers": ours_config["num_layers"] - 1}  # one block less
+    if "layer_types" in fewer:
+        fewer["layer_types"] = fewer["layer_types"][:-1]
+    other = keras_gemma.GemmaBackbone(**fewer)
+    before = [to_numpy(v) for v in other.weights]
+    with pytest.raises(ValueError, match=r"backbone\.weights\.h5 holds keras-hub Gemma weights that do not fit"):
+        other.load_weights(tmp_path / "backbone.weights.h5")
+    assert all(np.array_equal(b, to_numpy(v)) for b, v in zip(before, other.weights))
+    # Our own files still take Keras' path.
+    backbone.save_weights(str(tmp_path / "ours.weights.h5"))
+    again = keras_gemma.GemmaBackbone(**ours_config)
+    again.load_weights(str(tmp_path / "ours.weights.h5"))
+    np.testing.assert_array_equal(to_numpy(again.logits(again(INPUTS))), to_numpy(backbone.logits(backbone(INPUTS))))

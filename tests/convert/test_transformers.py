@@ -180,3 +180,31 @@ def test_unsupported_options_are_errors(checkpoint):
     path.write_text(json.dumps({**config, "hidden_activation": "relu"}))
     with pytest.raises(ValueError, match=r"hidden_activation='relu' is not supported"):
         keras_gemma.GemmaBackbone.from_preset(str(checkpoint))
+
+
+def test_truncated_weights_name_the_file_and_tensor(checkpoint):
+    path = checkpoint / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])  # an interrupted download
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.*' runs past the end of the file \(truncated download\?\)"):
+        keras_gemma.GemmaCausalLM.from_preset(str(checkpoint))
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(checkpoint, monkeypatch):
+    """A tokenizer.model of another model (more pieces than embedding rows):
+    refused before any weight is read, and by the model's constructor."""
+    from keras_gemma.convert import transformers as transformers_loader
+    from helpers import train_sentencepiece
+
+    (checkpoint / "tokenizer.model").write_bytes(train_sentencepiece(vocab_size=512))
+
+    def fail(*args):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(transformers_loader.TransformersLoader, "load_weights", fail)
+    with pytest.raises(ValueError, match="tokenizer of this preset has 512 pieces, but its embedding has 384 rows"):
+        keras_gemma.GemmaCausalLM.from_preset(str(checkpoint))
+    tokenizer = keras_gemma.GemmaTokenizer(proto=str(checkpoint / "tokenizer.model"))
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
+    with pytest.raises(ValueError, match="The tokenizer has 512 pieces, but the model's embedding has 384 rows"):
+        keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(**TINY), preprocessor)

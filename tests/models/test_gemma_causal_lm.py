@@ -328,3 +328,22 @@ def test_calibration_feeds_each_block_its_real_inputs(tokenizer, monkeypatch, mo
     np.testing.assert_allclose(real[-1], embeddings, rtol=1e-6)
     for i, block in enumerate(lm.backbone.transformer_layers):
         np.testing.assert_allclose(fed[block.name][0], real[i - 1], atol=1e-5, err_msg=block.name)
+
+
+def test_keras_hub_cache_layout_steps_like_the_full_pass():
+    """Code written against keras-hub (its `_build_cache` and stacked
+    `(batch, layers, 2, length, kv_heads, head_dim)` cache, as keras-hub's own
+    cache test) steps token by token to the full pass's logits."""
+    from keras import ops
+
+    lm = make_lm(seed=3)
+    token_ids = np.array([[2, 17, 42, 9, 100, 5], [2, 30, 31, 90, 11, 7]], "int32")
+    full = to_numpy(lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}))
+    _, cache = lm._build_cache(token_ids)
+    assert tuple(cache.shape) == (2, TINY["num_layers"], 2, 6, TINY["num_key_value_heads"], TINY["head_dim"])
+    cache = ops.zeros_like(cache)
+    steps = []
+    for i in range(token_ids.shape[1]):
+        logits, _, cache = lm.call_with_cache(token_ids[:, i : i + 1], cache, i)
+        steps.append(to_numpy(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)

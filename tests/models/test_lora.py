@@ -132,7 +132,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_mismatches_are_clear_errors_and_load_nothing(tmp_path):
     backbone = _backbone()
-    with pytest.raises(ValueError, match="LoRA is not enabled"):
+    with pytest.raises(ValueError, match="no lora-enabled layers in this model"):
         backbone.save_lora_weights(str(tmp_path / "none.safetensors"))
     backbone.enable_lora(4)
     _randomize_adapters(backbone)
