@@ -44,6 +44,7 @@ from keras_gemma.convert.transformers_config import backbone_config_from_transfo
 from keras_gemma.convert.transformers_export import CHAT_TEMPLATE
 from keras_gemma.convert.transformers_export import released_context_length
 from keras_gemma.convert.weights import weight_map
+from keras_gemma.convert.weights import weight_state
 
 TYPES = ("f32", "f16", "q8_0")
 _SLIDING, _FULL = "sliding_attention", "full_attention"
@@ -99,17 +100,12 @@ def export(backbone, tokenizer, path, type="f32"):
 
 def _check_float_weights(backbone):
     """Refuses quantized models and enabled LoRA adapters (both public Keras layer state)."""
-    layers = [backbone.token_embedding]
-    for block in backbone.transformer_layers:
-        attention, ffw = block.attention, block.feed_forward
-        layers += [attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense]
-        layers += [ffw.gate, ffw.up, ffw.down]
-    if any(getattr(layer, "lora_enabled", False) for layer in layers):
+    lora, quantized = weight_state(backbone)
+    if lora:
         raise ValueError(
             "This model has LoRA adapters enabled: call `backbone.merge_lora_weights()` first "
             "to export the merged model (GGUF holds plain weights)."
         )
-    quantized = sorted({layer.quantization_mode for layer in layers if layer.quantization_mode is not None})
     if quantized:
         raise ValueError(
             f"This model is quantized with Keras ({', '.join(quantized)}); export_to_gguf writes "

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from keras_gemma.convert.weights import weight_map
+from keras_gemma.convert.weights import weight_state
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
 _DTYPES = {
@@ -204,17 +205,12 @@ def parse_size(size):
 
 
 def _check_exportable(backbone):
-    if getattr(backbone, "_lora_rank", None) is not None:
+    lora, quantized = weight_state(backbone)
+    if lora:
         raise ValueError(
             "This backbone has LoRA adapters enabled: call `merge_lora_weights()` first to "
             "export the merged model, or save the adapter itself with `save_lora_weights`."
         )
-    layers = [backbone.token_embedding]
-    for block in backbone.transformer_layers:
-        attention, ffw = block.attention, block.feed_forward
-        layers += [attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense]
-        layers += [ffw.gate, ffw.up, ffw.down]
-    quantized = sorted({layer.quantization_mode for layer in layers if layer.quantization_mode is not None})
     if quantized:
         raise ValueError(
             f"This backbone is quantized ({', '.join(quantized)}); transformers checkpoints hold "

@@ -114,3 +114,16 @@ def assign_weights(tensors, weight_map, progress=True):
     for name, _, variable, transform in bar:
         value = np.asarray(tensors[name].get(name), dtype=np.float32)
         variable.assign(transform(value))
+
+
+def weight_state(backbone):
+    """`(lora_enabled, quantization modes)` of the backbone's embedding and
+    projections, from public Keras layer state: what every export checks
+    before writing plain float weights."""
+    layers = [backbone.token_embedding]
+    for block in backbone.transformer_layers:
+        attention, ffw = block.attention, block.feed_forward
+        layers += [attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense]
+        layers += [ffw.gate, ffw.up, ffw.down]
+    lora = any(getattr(layer, "lora_enabled", False) for layer in layers)
+    return lora, sorted({layer.quantization_mode for layer in layers if layer.quantization_mode is not None})

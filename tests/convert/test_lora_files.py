@@ -32,6 +32,20 @@ def logits(backbone):
     return to_numpy(backbone.logits(hidden))
 
 
+def lora_ranks(backbone):
+    """`{target name: rank}` of the adapted projections (Keras' public layer
+    state), `{}` without adapters."""
+    from keras_gemma.convert.lora_files import PEFT_MODULES, projection
+
+    ranks = {}
+    for block in backbone.transformer_layers:
+        for name in PEFT_MODULES:
+            layer = projection(block, name)
+            if layer.lora_enabled:
+                ranks[name] = layer.lora_rank
+    return ranks
+
+
 def keras_hub_logits(theirs):
     hidden = theirs({"token_ids": TOKEN_IDS, "padding_mask": PADDING_MASK})
     return to_numpy(theirs.token_embedding(hidden, reverse=True))
@@ -89,7 +103,7 @@ def test_keras_hub_lora_files_both_ways(tmp_path, layout):
     theirs.save_lora_weights(str(tmp_path / "theirs.lora.h5"))
     assert np.abs(expected - logits(ours)).max() > 1e-2  # the adapter changes the logits
     ours.load_lora_weights(tmp_path / "theirs.lora.h5")
-    assert ours._lora_rank == 2 and list(ours._lora_targets) == ALL_TARGETS
+    assert lora_ranks(ours) == {name: 2 for name in ALL_TARGETS}
     np.testing.assert_allclose(logits(ours), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -105,7 +119,7 @@ def test_keras_hub_default_adapter_and_errors(tmp_path):
         other = keras_gemma.GemmaBackbone(**{**TINY, "num_layers": layers})
         with pytest.raises(ValueError, match=message):
             other.load_lora_weights(tmp_path / "a.lora.h5")
-        assert getattr(other, "_lora_rank", None) is None  # unchanged
+        assert lora_ranks(other) == {}  # unchanged
     ours.enable_lora(2)
     with pytest.raises(ValueError, match=r"holds LoRA rank=4.*this backbone has rank=2"):
         ours.load_lora_weights(tmp_path / "a.lora.h5")
@@ -154,7 +168,7 @@ def test_peft_adapter_loads_here(tmp_path, layout):
     backbone.load_lora_weights(tmp_path / "adapter")
     np.testing.assert_allclose(logits(backbone)[valid], expected[valid], atol=1e-4, rtol=0)
     # A rank-2 PEFT q_proj adapter is a rank 2 x heads one here.
-    assert backbone._lora_rank == 2 * TINY["num_query_heads"]
+    assert set(lora_ranks(backbone).values()) == {2 * TINY["num_query_heads"]}
 
 
 @pytest.mark.parametrize("layout", list(PEFT_LAYOUTS))
@@ -200,7 +214,7 @@ def test_peft_errors_name_the_file_and_leave_the_model_unchanged(tmp_path):
         try:
             fresh.load_lora_weights(tmp_path / "adapter")
         finally:
-            assert getattr(fresh, "_lora_rank", None) is None
+            assert lora_ranks(fresh) == {}
             assert all(np.array_equal(b, to_numpy(v)) for b, v in zip(before, fresh.weights))
             config_path.write_text(json.dumps(config))
 
@@ -213,7 +227,7 @@ def test_peft_errors_name_the_file_and_leave_the_model_unchanged(tmp_path):
     bigger = keras_gemma.GemmaBackbone(**{**TINY, "hidden_dim": 48})
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors: block 0 q_proj has lora_A \(8, 32\).*needs \(8, 48\)"):
         bigger.load_lora_weights(tmp_path / "adapter")
-    assert getattr(bigger, "_lora_rank", None) is None
+    assert lora_ranks(bigger) == {}
     os.remove(tmp_path / "adapter" / "adapter_model.safetensors")
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors not found"):
         keras_gemma.GemmaBackbone(**TINY).load_lora_weights(tmp_path / "adapter")
